@@ -1,0 +1,1 @@
+"""Adapters for other ecosystems (imported as paged_backend.integrations)."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels and their torch references (imported as paged_backend.kernels)."""

@@ -1,0 +1,1 @@
+"""Model code, the model registry and weight loading."""
