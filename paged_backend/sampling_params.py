@@ -136,6 +136,8 @@ class SamplingParams:
                 raise bad("logit_bias", "must map integer token ids to numbers") from None
             if any(k < 0 for k in self.logit_bias):
                 raise bad("logit_bias", "must have non-negative token ids")
+            if not all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+                raise bad("logit_bias", "values must be finite numbers in [-100, 100]")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
         if self.n > 1 and self.sampling_type_greedy:

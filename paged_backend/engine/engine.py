@@ -256,8 +256,8 @@ class LLMEngine:
         if token_stop:
             status = RequestStatus.FINISHED_STOPPED
             seq.stop_reason = tok if tok in sp.stop_token_ids else None
-        if seq.detok is not None and not (token_stop and not sp.include_stop_str_in_output):
-            stop_str = seq.detok.update([tok], stop_checking=min_ok)
+        if seq.detok is not None:
+            stop_str = seq.detok.update([tok], stop_terminated=token_stop)
             if stop_str is not None and status is None:
                 status = RequestStatus.FINISHED_STOPPED
                 seq.stop_reason = stop_str
