@@ -1,0 +1,73 @@
+"""Linear layers that load their weights shard by shard from HF checkpoints.
+
+Named for the tensor-parallel split they will get: a column-parallel layer's
+output features (and each fused shard, e.g. q/k/v or gate/up) would be split
+across ranks, a row-parallel layer's input features would be split and its
+output all-reduced. Today the world size is 1: no split, no reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def default_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+    """Copy a checkpoint tensor into `param`, checking the shape."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, "
+                         f"checkpoint {tuple(loaded.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """`y = x W^T + b`; W's rows are the concatenation of `output_sizes` shards.
+
+    Each shard loads from its own checkpoint tensor with
+    `weight_loader(param, tensor, shard_id)`; `shard_id=None` loads the whole.
+    """
+
+    def __init__(self, input_size: int, output_sizes: int | Sequence[int], bias: bool = False) -> None:
+        super().__init__()
+        sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.input_size = input_size
+        self.output_sizes = sizes
+        self.weight = torch.nn.Parameter(torch.empty(sum(sizes), input_size))
+        self.bias = torch.nn.Parameter(torch.empty(sum(sizes))) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: torch.nn.Parameter, loaded: torch.Tensor,
+                      shard_id: int | None = None) -> None:
+        """Load the whole parameter, or the rows of shard `shard_id`."""
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        offset = sum(self.output_sizes[:shard_id])
+        default_weight_loader(param.narrow(0, offset, self.output_sizes[shard_id]), loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}"
+
+
+class RowParallelLinear(torch.nn.Module):
+    """`y = x W^T + b` whose input features would be split across ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size))
+        self.bias = torch.nn.Parameter(torch.empty(output_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

@@ -1,0 +1,113 @@
+"""Rotary position embedding (RoPE), neox style (`rotate_half`), as HF Llama applies it.
+
+Supported `rope_type`s: "default", "linear" and "llama3". The parameters are
+read from a HF config in either layout: transformers 5's
+`config.rope_parameters` dict (holding `rope_theta`, `rope_type`, `factor`,
+...) or the older `config.rope_theta` + `config.rope_scaling`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def get_rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """Return one flat dict with at least `rope_theta` and `rope_type` from a HF config."""
+    params = getattr(hf_config, "rope_parameters", None)
+    params = dict(params) if isinstance(params, dict) else {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        # Per-layer-type parameters (e.g. Gemma): only a single global rope is supported.
+        if "full_attention" not in params:
+            raise ValueError(f"Unsupported per-layer rope_parameters: {sorted(params)}.")
+        params = dict(params["full_attention"])
+    legacy_scaling = getattr(hf_config, "rope_scaling", None)
+    if not params and isinstance(legacy_scaling, dict):
+        params = dict(legacy_scaling)
+    if "rope_theta" not in params or params["rope_theta"] is None:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "llama3":
+        params.setdefault("original_max_position_embeddings",
+                          getattr(hf_config, "max_position_embeddings", None))
+    return params
+
+
+def compute_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` (float32) for the given rope parameters."""
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}).")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported.")
+    base = float(params["rope_theta"])
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (base ** exponents)
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scale(inv_freq, params)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
+    factor = float(params["factor"])
+    low_freq_factor = float(params["low_freq_factor"])
+    high_freq_factor = float(params["high_freq_factor"])
+    old_context_len = float(params["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Computes cos/sin for token positions and rotates q/k `[T, H, D]` with them.
+
+    cos/sin are computed from the positions on each call (once per model
+    forward, shared by all layers), so there is no position limit.
+    """
+
+    def __init__(self, head_dim: int, params: dict[str, Any]) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rope_type = params["rope_type"]
+        self.register_buffer("inv_freq", compute_inv_freq(head_dim, params), persistent=False)
+
+    @classmethod
+    def from_config(cls, hf_config: Any, head_dim: int) -> "RotaryEmbedding":
+        """Build from a HF config's rope parameters."""
+        return cls(head_dim, get_rope_parameters(hf_config))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[T, D]` for `positions` `[T]`, computed in float32 then cast to `dtype`."""
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` `[T, H, D]` by cos/sin `[T, D]`."""
+        cos = cos[:, None, :]
+        sin = sin[:, None, :]
+        return x * cos + rotate_half(x) * sin

@@ -1,0 +1,181 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), SmolLM2.
+
+Module names follow HF's, except that q/k/v and gate/up are fused into
+`qkv_proj` and `gate_up_proj` (loaded shard by shard from HF's tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+from transformers.activations import ACT2FN
+
+from paged_backend.layers.attention import AttentionBackend, AttentionMetadata
+from paged_backend.layers.linear import ColumnParallelLinear, RowParallelLinear
+from paged_backend.layers.norm import RMSNorm
+from paged_backend.layers.rotary import RotaryEmbedding
+from paged_backend.models.weights import load_named_weights
+
+logger = logging.getLogger(__name__)
+
+_FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+_FUSED_RE = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)(\.(?:weight|bias))$")
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _num_kv_heads(cfg: Any) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def _attention_biases(cfg: Any) -> tuple[bool, bool]:
+    """(qkv bias, o_proj bias) of this family member."""
+    if cfg.model_type == "qwen2":
+        return True, False
+    if cfg.model_type == "mistral":
+        return False, False
+    bias = bool(getattr(cfg, "attention_bias", False))
+    return bias, bias
+
+
+class LlamaMLP(torch.nn.Module):
+    """Gated MLP: `down(act(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaAttention(torch.nn.Module):
+    """Self-attention with rotary embeddings and grouped KV heads over the paged cache."""
+
+    def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = _num_kv_heads(cfg)
+        self.head_dim = _head_dim(cfg)
+        self.scale = self.head_dim ** -0.5
+        self.attn_backend = attn_backend
+        qkv_bias, o_bias = _attention_biases(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.qkv_sizes, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, bias=o_bias)
+        if cfg.model_type == "qwen3":
+            self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+            self.k_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
+        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(torch.nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, attn_backend)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(torch.nn.Module):
+    """Embeddings, decoder layers and the final norm."""
+
+    def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = torch.nn.ModuleList(
+            LlamaDecoderLayer(cfg, attn_backend) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding.from_config(cfg, _head_dim(cfg))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(torch.nn.Module):
+    """Llama-family causal LM over a paged KV cache (see the module docstring for members)."""
+
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        window = getattr(hf_config, "sliding_window", None)
+        if window is not None and window < hf_config.max_position_embeddings:
+            logger.warning("sliding_window=%d is not implemented: attention spans the whole "
+                           "context, so outputs past %d tokens differ from the reference.",
+                           window, window)
+        self.model = LlamaModel(hf_config, attn_backend)
+        self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def kv_cache_shape(hf_config: Any) -> tuple[int, int, int]:
+        """(num_layers, num_kv_heads, head_dim) of the KV cache this config needs."""
+        return hf_config.num_hidden_layers, _num_kv_heads(hf_config), _head_dim(hf_config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states `[T, hidden]` of the new tokens (K/V written to `kv_caches`)."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits `[N, vocab]` of hidden states `[N, hidden]`."""
+        return self.lm_head(hidden).float()
+
+    def _map_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None
+        m = _FUSED_RE.match(name)
+        if m is not None:
+            fused, shard_id = _FUSED_SHARDS[m.group(2)]
+            return m.group(1) + fused + m.group(3), shard_id
+        return name, None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (safetensors or dequantized GGUF)."""
+        load_named_weights(self, weights, self._map_name)
