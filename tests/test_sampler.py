@@ -294,7 +294,7 @@ def test_input_logits_not_modified(kwargs: dict) -> None:
 def test_empty_batch() -> None:
     out = sample([], torch.empty(0, 16))
     assert out.sampled_token_ids.shape == (0,)
-    assert out.logprobs is not None and out.logprobs.token_ids.shape == (0, 1)
+    assert out.logprobs is None
 
 
 # ----------------------------------------------------------------------- logprobs
@@ -343,9 +343,12 @@ def test_sampler_logprobs_are_raw(device: str) -> None:
     assert out.sampled_token_ids[1].item() == 7  # the bias wins, logprob stays raw
 
 
-def test_logprobs_always_present_without_request() -> None:
+def test_logprobs_only_when_some_row_asks() -> None:
     logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(1))
     out = sample(rows_for(SamplingParams(), 5), logits, seed=0)
+    assert out.logprobs is None  # nobody asked: no log_softmax over the vocabulary
+    rows = rows_for(SamplingParams(), 4) + rows_for(SamplingParams(logprobs=0), 1)
+    out = sample(rows, logits, seed=0)
     assert out.logprobs is not None
     check_logprobs(out.logprobs, logits, out.sampled_token_ids, 0)
 

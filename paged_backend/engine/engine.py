@@ -149,6 +149,8 @@ class LLMEngine:
                     child.seed = params.seed + i
                 if i > 0:
                     child.prompt_logprobs = None
+                if params.best_of > params.n and child.logprobs is None:
+                    child.logprobs = 0  # ranking needs cumulative logprobs
             rid = request_id if params.best_of == 1 else f"{request_id}#{i}"
             req = Request(rid, ids, child, arrival_index=arrival)
             detok = None
@@ -213,7 +215,7 @@ class LLMEngine:
             tok = res.sampled.get(req.request_id)
             if tok is None:
                 continue
-            self._append_token(seq, tok, res.logprobs[req.request_id])
+            self._append_token(seq, tok, res.logprobs.get(req.request_id))
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():
@@ -245,9 +247,10 @@ class LLMEngine:
         sp = req.sampling_params
         req.output_token_ids.append(tok)
         self.num_generated_tokens += 1
-        seq.cumulative_logprob += lp[1][0]
-        if seq.logprobs is not None:
-            seq.logprobs.extend(self._to_logprob_dicts([lp]))
+        if lp is not None:
+            seq.cumulative_logprob += lp[1][0]
+            if seq.logprobs is not None:
+                seq.logprobs.extend(self._to_logprob_dicts([lp]))
 
         status: Optional[RequestStatus] = None
         n_out = req.num_output_tokens
@@ -284,8 +287,8 @@ class LLMEngine:
         else:
             ids = list(ids)
             lps = list(lps) if lps is not None else None
-        return CompletionOutput(seq.index, text, ids, seq.cumulative_logprob, lps,
-                                seq.finish_reason, seq.stop_reason)
+        cum = seq.cumulative_logprob if req.sampling_params.logprobs is not None else None
+        return CompletionOutput(seq.index, text, ids, cum, lps, seq.finish_reason, seq.stop_reason)
 
     def _make_output(self, parent: _Parent) -> Optional[RequestOutput]:
         kind = parent.params.output_kind

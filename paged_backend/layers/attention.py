@@ -8,7 +8,7 @@ hits and decode in one mixed batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,6 +24,7 @@ class AttentionMetadata:
     `slot_mapping[t] = block_id * block_size + offset` (-1: padding, skipped).
     `block_tables[i]` lists sequence i's blocks (padded with 0).
     The `_cpu` lists are host copies for backends that loop or pad on the host.
+    `backend_cache` lives for one step only, like the metadata itself.
     """
 
     num_tokens: int
@@ -36,6 +37,8 @@ class AttentionMetadata:
     block_size: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Per-step scratch of a backend (index tensors it builds at the first layer, reused by the rest).
+    backend_cache: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -48,8 +48,8 @@ class LogprobsTensors:
 class SamplerOutput:
     """What the sampler returns for one step.
 
-    `logprobs` is always set (K = max requested over rows, 0 when none);
-    a row that asked for k logprobs reads columns 0..k.
+    `logprobs` is set when some row asked for logprobs (K = max requested
+    over rows); a row that asked for k logprobs reads columns 0..k.
     """
 
     sampled_token_ids: torch.Tensor  # [N] int64
@@ -65,7 +65,7 @@ def compute_logprobs_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     token_ids = token_ids.to(device=logits.device, dtype=torch.int64).view(-1, 1)
     token_logprobs = logprobs.gather(1, token_ids)
-    ranks = (logprobs > token_logprobs).sum(dim=-1) + 1
+    ranks = torch.count_nonzero(logprobs > token_logprobs, dim=-1) + 1
     if num_logprobs > 0:
         k = min(num_logprobs, logprobs.shape[-1])
         top_vals, top_ids = logprobs.topk(k, dim=-1)
@@ -155,9 +155,7 @@ class Sampler:
                 f"logits must be [num_rows={meta.num_rows}, vocab], got {tuple(logits.shape)}.")
         if meta.num_rows == 0:
             empty = torch.empty((0,), dtype=torch.int64, device=logits.device)
-            return SamplerOutput(
-                sampled_token_ids=empty,
-                logprobs=compute_logprobs_tensors(logits, empty, meta.max_num_logprobs))
+            return SamplerOutput(sampled_token_ids=empty, logprobs=None)
         raw = logits
         x = logits.float()
         owned = meta.bias_rows is not None or meta.min_tokens_rows is not None \
@@ -180,7 +178,9 @@ class Sampler:
             if greedy_ids is not None:
                 sampled = torch.where(meta.greedy_mask, greedy_ids, sampled)
 
-        logprobs = compute_logprobs_tensors(raw, sampled, meta.max_num_logprobs)
+        logprobs = None
+        if meta.needs_logprobs:
+            logprobs = compute_logprobs_tensors(raw, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
     def _sample_random(self, x: torch.Tensor, meta: SamplingMetadata,

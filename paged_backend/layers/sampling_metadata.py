@@ -71,6 +71,7 @@ class SamplingMetadata:
     min_tokens_token_ids: torch.Tensor | None  # [M] int64
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # seeded random rows
     max_num_logprobs: int = 0  # K: max params.logprobs over rows (None counts as 0)
+    needs_logprobs: bool = False  # some row set params.logprobs (else no logprobs are computed)
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int,
@@ -177,4 +178,5 @@ class SamplingMetadata:
             min_tokens_token_ids=vec(m_toks, torch.int64) if m_rows else None,
             generators=generators,
             max_num_logprobs=max_num_logprobs,
+            needs_logprobs=any(r.params.logprobs is not None for r in rows),
         )

@@ -29,7 +29,7 @@ TokenLogprobs = tuple[list[int], list[float], int]
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Per request id: the sampled token, its logprobs, and any prompt logprobs of this chunk."""
+    """Per request id: the sampled token, its logprobs (rows that asked), prompt logprobs of this chunk."""
 
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
@@ -147,12 +147,15 @@ class ModelRunner:
             smeta = SamplingMetadata.build(rows, self.vocab_size, self.device)
             res = self.sampler(logits, smeta)
             sampled = res.sampled_token_ids.tolist()
-            lp = res.logprobs
-            ids_l, lps_l, ranks_l = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
             for r, rid in enumerate(row_reqs):
                 out.sampled[rid] = sampled[r]
-                k = rows[r].params.logprobs or 0
-                out.logprobs[rid] = (ids_l[r][:k + 1], lps_l[r][:k + 1], ranks_l[r])
+            lp = res.logprobs
+            if lp is not None:
+                ids_l, lps_l, ranks_l = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
+                for r, rid in enumerate(row_reqs):
+                    k = rows[r].params.logprobs
+                    if k is not None:
+                        out.logprobs[rid] = (ids_l[r][:k + 1], lps_l[r][:k + 1], ranks_l[r])
 
         for rid, start, cnt, k in prompt_lp:
             req = next(s.request for s in sched.scheduled if s.request.request_id == rid)
