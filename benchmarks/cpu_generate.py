@@ -2,15 +2,18 @@
 
 Both engines decode greedily in float32 with EOS ignored, on the same
 prompts in the same process, after a warm-up. transformers runs `generate`
-on the whole batch at once (left padding, its default KV cache).
+on the whole batch at once (left padding, its default KV cache). The two
+runs alternate `--repeats` times (the prefix cache is emptied before each
+of ours) and the median of each is reported: shared CPUs are noisy.
 
-    python benchmarks/cpu_generate.py [--num-prompts 16] [--max-tokens 64] [--threads N]
+    python benchmarks/cpu_generate.py [--num-prompts 16] [--max-tokens 64] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -26,19 +29,24 @@ PROMPTS = [
 ]
 
 
-def run_ours(prompts, max_tokens):
+def make_ours(prompts, max_tokens):
+    """Load our engine; return a function that times one generate call."""
     from paged_backend import LLM, SamplingParams
     llm = LLM(dtype="float32", device="cpu", max_model_len=1024)
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    secs = time.perf_counter() - t
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return secs, n, llm
+
+    def run():
+        llm.reset_prefix_cache()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        secs = time.perf_counter() - t
+        return secs, sum(len(o.outputs[0].token_ids) for o in outs)
+    return run, llm
 
 
-def run_transformers(llm, prompts, max_tokens):
+def make_transformers(llm, prompts, max_tokens):
+    """Load transformers' model from the same file; return a function that times one generate."""
     from transformers import AutoModelForCausalLM
     src = llm.llm_engine.model_source
     tok = llm.get_tokenizer()
@@ -55,32 +63,44 @@ def run_transformers(llm, prompts, max_tokens):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
                                   min_new_tokens=n, do_sample=False, pad_token_id=pad)
     gen(4)
-    t = time.perf_counter()
-    out = gen(max_tokens)
-    secs = time.perf_counter() - t
-    return secs, (out.shape[1] - L) * len(prompts)
+
+    def run():
+        t = time.perf_counter()
+        out = gen(max_tokens)
+        return time.perf_counter() - t, (out.shape[1] - L) * len(prompts)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     prompts = (PROMPTS * (a.num_prompts // len(PROMPTS) + 1))[:a.num_prompts]
-    s_ours, n_ours, llm = run_ours(prompts, a.max_tokens)
-    s_hf, n_hf = run_transformers(llm, prompts, a.max_tokens)
+    ours, llm = make_ours(prompts, a.max_tokens)
+    hf = make_transformers(llm, prompts, a.max_tokens)
+    t_ours, t_hf = [], []
+    for _ in range(a.repeats):
+        s_ours, n_ours = ours()
+        s_hf, n_hf = hf()
+        t_ours.append(s_ours)
+        t_hf.append(s_hf)
+        print(f"  run: paged_backend {n_ours / s_ours:.1f} tok/s, transformers {n_hf / s_hf:.1f} tok/s",
+              flush=True)
+    s_ours, s_hf = statistics.median(t_ours), statistics.median(t_hf)
     import transformers
     rows = [dict(engine="paged_backend", seconds=round(s_ours, 2), output_tokens=n_ours,
                  tok_per_s=round(n_ours / s_ours, 1)),
             dict(engine=f"transformers-{transformers.__version__}-generate",
                  seconds=round(s_hf, 2), output_tokens=n_hf, tok_per_s=round(n_hf / s_hf, 1))]
     for r in rows:
-        print(json.dumps(dict(r, prompts=a.num_prompts, max_tokens=a.max_tokens,
+        print(json.dumps(dict(r, prompts=a.num_prompts, max_tokens=a.max_tokens, repeats=a.repeats,
                               threads=torch.get_num_threads(), torch=torch.__version__)))
-    print(f"\n| engine | output tok/s | seconds |\n| --- | --- | --- |")
+    print("\n| engine | output tok/s (median) | seconds (median) |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['engine']} | {r['tok_per_s']} | {r['seconds']} |")
     print(f"\nratio paged_backend / transformers: {rows[0]['tok_per_s'] / rows[1]['tok_per_s']:.2f}x")

@@ -166,6 +166,9 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     backend = TorchAttentionBackend()
     model = loader.load_model(src, hf_config, dtype=dtype, device=device,
                               load_format=args.load_format, attn_backend=backend)
+    if device.type == "cpu" and dtype == torch.float32:
+        from paged_backend.layers.cpu_prepack import prepack_cpu_linears
+        prepack_cpu_linears(model)
     num_layers, num_kv_heads, head_dim = kv_cache_shape_info(hf_config)
     per_block = ModelRunner.kv_bytes_per_block(num_layers, num_kv_heads, head_dim,
                                                cfg.block_size, dtype)

@@ -14,6 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 packed: torch.Tensor | None) -> torch.Tensor:
+    """`x W^T + b`, through oneDNN's prepacked weight when there is one (CPU float32, 2-D x)."""
+    if packed is not None and x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def default_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
     """Copy a checkpoint tensor into `param`, checking the shape."""
     if tuple(param.shape) != tuple(loaded.shape):
@@ -37,6 +45,7 @@ class ColumnParallelLinear(torch.nn.Module):
         self.output_sizes = sizes
         self.weight = torch.nn.Parameter(torch.empty(sum(sizes), input_size))
         self.bias = torch.nn.Parameter(torch.empty(sum(sizes))) if bias else None
+        self.packed: torch.Tensor | None = None  # set by layers.cpu_prepack
         for p in self.parameters():
             p.weight_loader = self.weight_loader
 
@@ -50,7 +59,7 @@ class ColumnParallelLinear(torch.nn.Module):
         default_weight_loader(param.narrow(0, offset, self.output_sizes[shard_id]), loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, self.packed)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}"
@@ -65,9 +74,10 @@ class RowParallelLinear(torch.nn.Module):
         self.output_size = output_size
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size))
         self.bias = torch.nn.Parameter(torch.empty(output_size)) if bias else None
+        self.packed: torch.Tensor | None = None  # set by layers.cpu_prepack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, self.packed)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
