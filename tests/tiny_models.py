@@ -43,22 +43,22 @@ _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 ARCHS: list[str] = list(_SPECS)
 
 
-def make_tiny_config(arch: str) -> Any:
-    """The transformers config of a tiny model of `arch` (one of `ARCHS`)."""
+def make_tiny_config(arch: str, **extra: Any) -> Any:
+    """The transformers config of a tiny model of `arch` (one of `ARCHS`); `extra` overrides fields."""
     from transformers import AutoConfig
 
     model_type, overrides = _SPECS[arch]
-    return AutoConfig.for_model(model_type, **overrides)
+    return AutoConfig.for_model(model_type, **dict(overrides, **extra))
 
 
-def make_tiny_checkpoint(arch: str, path: str, seed: int = 0) -> Any:
+def make_tiny_checkpoint(arch: str, path: str, seed: int = 0, **extra: Any) -> Any:
     """Save a tiny random float32 model of `arch` to `path` (config.json + safetensors).
 
     Returns the transformers model (eval mode), which is the reference for tests.
     """
     from transformers import AutoModelForCausalLM
 
-    cfg = make_tiny_config(arch)
+    cfg = make_tiny_config(arch, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

@@ -6,6 +6,12 @@ and the block's tokens), so two requests with the same prefix reach the same
 blocks. A block whose ref count drops to zero keeps its hash and goes to the
 end of the free list: it can still be hit until it is reused (lazy eviction,
 least recently freed first).
+
+Parallel sampling forks a request: the child's block table points at the
+parent's blocks (ref counts go up, nothing is copied). A request about to
+write into a block it shares (only ever the last, partly filled one) gets a
+private copy first: copy-on-write. The copies to make are handed to the
+runner with the step's schedule (`take_copies`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class BlockStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hit_tokens: int = 0
     evictions: int = 0
+    cow_copies: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -62,6 +69,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._req_blocks: dict[str, list[int]] = {}
         self._num_cached_blocks: dict[str, int] = {}  # how many leading blocks carry a hash
+        self._copies: list[tuple[int, int]] = []  # (src, dst) block copies not yet handed out
         self.stats = BlockStats()
 
     # ----------------------------------------------------------------- queries
@@ -135,11 +143,22 @@ class BlockManager:
     def can_allocate(self, request: Request, num_new_tokens: int,
                      computed_blocks: Sequence[int] = ()) -> bool:
         """Whether `allocate_slots` would succeed (changes nothing)."""
-        have = len(self._req_blocks.get(request.request_id, ())) + len(computed_blocks)
+        table = self._req_blocks.get(request.request_id, ())
+        have = len(table) + len(computed_blocks)
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         need = max(0, self.blocks_needed(num_computed + num_new_tokens) - have)
         revived = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
-        return need + revived <= len(self._free)
+        shared = len(self._shared_written(table, num_computed, num_new_tokens))
+        return need + revived + shared <= len(self._free)
+
+    def _shared_written(self, table: Sequence[int], num_computed: int,
+                        num_new_tokens: int) -> list[int]:
+        """Indices into `table` of blocks that tokens [num_computed, +num_new) write and others hold."""
+        if num_new_tokens <= 0 or not table:
+            return []
+        first = num_computed // self.block_size
+        last = min((num_computed + num_new_tokens - 1) // self.block_size, len(table) - 1)
+        return [i for i in range(first, last + 1) if self.blocks[table[i]].ref_cnt > 1]
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: Sequence[int] = ()) -> bool:
@@ -160,6 +179,14 @@ class BlockManager:
             self._num_cached_blocks[request.request_id] = len(table)
             self.stats.prefix_cache_hit_tokens += len(computed_blocks) * self.block_size
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        for i in self._shared_written(table, num_computed, num_new_tokens):
+            # Copy-on-write: this request gets its own copy of a block it shares.
+            src = table[i]
+            dst = self._pop_free()
+            self.blocks[src].ref_cnt -= 1
+            table[i] = dst
+            self._copies.append((src, dst))
+            self.stats.cow_copies += 1
         for _ in range(self.blocks_needed(num_computed + num_new_tokens) - len(table)):
             table.append(self._pop_free())
         self.stats.peak_used = max(self.stats.peak_used, self.num_used_blocks)
@@ -195,12 +222,32 @@ class BlockManager:
         self._num_cached_blocks.pop(request.request_id, None)
         if not table:
             return
+        freed = set()
         for bid in reversed(table):
             blk = self.blocks[bid]
             blk.ref_cnt -= 1
             assert blk.ref_cnt >= 0, f"block {bid} freed more often than taken"
             if blk.ref_cnt == 0:
                 self._free[bid] = None
+                freed.add(bid)
+        if self._copies and freed:  # a copy into a block nobody holds any more is moot
+            self._copies = [(a, b) for a, b in self._copies if b not in freed]
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give `child` the parent's blocks, shared (ref counts + 1), not copied."""
+        if child.request_id in self._req_blocks:
+            raise ValueError(f"request {child.request_id!r} already holds blocks")
+        table = self._req_blocks.get(parent.request_id, [])
+        for bid in table:
+            self.blocks[bid].ref_cnt += 1
+        self._req_blocks[child.request_id] = list(table)
+        self._num_cached_blocks[child.request_id] = self._num_cached_blocks.get(parent.request_id, 0)
+        child.block_hashes = list(parent.block_hashes[:len(table)])
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies this step needs before its forward pass."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (only when no request holds a block)."""

@@ -166,7 +166,10 @@ class LLMEngine:
         self._parents[request_id] = parent
         for seq in parent.seqs:
             self._seqs[seq.request.request_id] = seq
-            self.scheduler.add_request(seq.request)
+        # The first sequence prefills the prompt; the others fork from it then, sharing its blocks.
+        first = parent.seqs[0].request
+        first.fork_children = [seq.request for seq in parent.seqs[1:]]
+        self.scheduler.add_request(first)
         return request_id
 
     def abort_request(self, request_ids: Union[str, Sequence[str]]) -> None:
@@ -215,7 +218,15 @@ class LLMEngine:
             tok = res.sampled.get(req.request_id)
             if tok is None:
                 continue
-            self._append_token(seq, tok, res.logprobs.get(req.request_id))
+            family = [req]
+            if req.fork_children:
+                family += req.fork_children
+                for child in req.fork_children:
+                    self.scheduler.add_forked(req, child)
+                req.fork_children = []
+            for r in family:
+                self._append_token(self._seqs[r.request_id], res.sampled[r.request_id],
+                                   res.logprobs.get(r.request_id))
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():

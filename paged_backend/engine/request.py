@@ -52,6 +52,8 @@ class Request:
     num_preemptions: int = 0
     # Chained hashes of this request's full blocks, filled lazily by the block manager.
     block_hashes: list[int] = field(default_factory=list)
+    # Parallel sampling: requests that fork from this one once its prompt is computed.
+    fork_children: list["Request"] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

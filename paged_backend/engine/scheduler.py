@@ -40,6 +40,8 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # (src, dst) KV block copies to make before the forward pass (copy-on-write).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -81,6 +83,18 @@ class Scheduler:
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def add_forked(self, parent: Request, child: Request) -> None:
+        """Start `child` as a running copy of `parent`, sharing its blocks (parallel sampling)."""
+        if child.request_id in self.requests:
+            raise ValueError(f"request id {child.request_id!r} is already in use.")
+        self.bm.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        if child.num_cached_tokens < 0:
+            child.num_cached_tokens = parent.num_cached_tokens
+        child.status = RequestStatus.RUNNING
+        self.requests[child.request_id] = child
+        self.running.append(child)
 
     @property
     def num_running(self) -> int:
@@ -147,6 +161,7 @@ class Scheduler:
                                                   self.bm.block_ids(req.request_id)))
             budget -= num_new
 
+        out.block_copies = self.bm.take_copies()
         self.stats.num_steps += 1
         if any(not s.samples for s in out.scheduled):
             self.stats.num_chunked_prefills += 1

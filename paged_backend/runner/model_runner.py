@@ -119,6 +119,10 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if sched.is_empty:
             return out
+        if sched.block_copies:
+            src = torch.tensor([a for a, _ in sched.block_copies], device=self.device)
+            dst = torch.tensor([b for _, b in sched.block_copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         input_ids, positions, meta = self._prepare(sched)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
@@ -137,10 +141,14 @@ class ModelRunner:
                 if cnt > 0:
                     prompt_lp.append((req.request_id, start, cnt, sp.prompt_logprobs))
             if s.samples:
-                sample_idx.append(end - 1)
-                rows.append(SamplingRow(sp, req.prompt_token_ids, req.output_token_ids,
-                                        self._generator(req.request_id, sp.seed)))
-                row_reqs.append(req.request_id)
+                # A request about to fork (parallel sampling) samples every child's
+                # first token from the same logits.
+                for r in (req, *req.fork_children):
+                    rsp = r.sampling_params
+                    sample_idx.append(end - 1)
+                    rows.append(SamplingRow(rsp, r.prompt_token_ids, r.output_token_ids,
+                                            self._generator(r.request_id, rsp.seed)))
+                    row_reqs.append(r.request_id)
 
         if rows:
             logits = self.model.compute_logits(hidden[sample_idx]).float()
