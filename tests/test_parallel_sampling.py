@@ -59,6 +59,7 @@ def test_n8_shares_prompt_blocks(llm):
     assert [c.index for c in out.outputs] == list(range(8))
     assert all(len(c.token_ids) == 32 and c.finish_reason == "length" for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) == 8, "samples must differ"
+    assert st["kv_cow_copies"] == 7  # the shared partial prompt block; the last writer keeps it
     assert out.num_cached_tokens == 0
 
 

@@ -342,6 +342,7 @@ class LLMEngine:
             "block_size": bm.block_size,
             "prefix_cache_queries": bm.stats.prefix_cache_queries,
             "prefix_cache_hit_tokens": bm.stats.prefix_cache_hit_tokens,
+            "kv_cow_copies": bm.stats.cow_copies,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "num_preemptions": st.num_preemptions,
@@ -355,7 +356,7 @@ class LLMEngine:
         """Zero the counters; the peak restarts from the blocks in use now."""
         bm = self.block_manager
         bm.stats.peak_used = bm.num_used_blocks
-        bm.stats.prefix_cache_queries = bm.stats.prefix_cache_hit_tokens = 0
+        bm.stats.prefix_cache_queries = bm.stats.prefix_cache_hit_tokens = bm.stats.cow_copies = 0
         st = self.scheduler.stats
         st.num_preemptions = st.num_steps = st.num_chunked_prefills = st.num_mixed_steps = 0
         self.num_generated_tokens = 0
