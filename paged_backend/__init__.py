@@ -11,7 +11,7 @@ from paged_backend.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "LLMEngine", "BeamSearchParams", "SamplingParams", "RequestOutput", "CompletionOutput",
            "Logprob", "RequestOutputKind", "__version__"]
 
 
@@ -20,6 +20,9 @@ def __getattr__(name: str):
     if name == "LLM":
         from paged_backend.llm import LLM
         return LLM
+    if name == "BeamSearchParams":
+        from paged_backend.beam_search import BeamSearchParams
+        return BeamSearchParams
     if name == "LLMEngine":
         from paged_backend.engine.engine import LLMEngine
         return LLMEngine

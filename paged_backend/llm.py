@@ -149,6 +149,14 @@ class LLM:
                 bar.close()
         return [r for r in results if r is not None]
 
+    # ------------------------------------------------------------ beam search
+    def beam_search(self, prompts: Union[PromptInput, Sequence[PromptInput]], params,
+                    use_tqdm: bool = False) -> list:
+        """vLLM's beam search: per prompt a `BeamSearchOutput` whose `.sequences` (best first)
+        carry `.tokens` (prompt included), `.text` and `.cum_logprob`. Beams share KV blocks."""
+        from paged_backend.beam_search import run_beam_search
+        return run_beam_search(self.llm_engine, self._normalize_prompts(prompts), params, use_tqdm)
+
     # ------------------------------------------------------------------- chat
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,

@@ -202,3 +202,13 @@ def test_chat_batch(llm):
     assert "<|im_start|>assistant" in outs[0].prompt
     with pytest.raises(ValueError, match="role"):
         llm.chat([[{"content": "no role"}]], use_tqdm=False)
+
+
+def test_beam_search_on_text_prompts(llm):
+    from paged_backend import BeamSearchParams
+    outs = llm.beam_search(["The capital of France is", {"prompt": "1, 2, 3,"}],
+                           BeamSearchParams(beam_width=2, max_tokens=4))
+    assert len(outs) == 2 and all(len(o.sequences) == 2 for o in outs)
+    best = outs[0].sequences[0]
+    assert best.text.startswith("The capital of France is") and "Paris" in best.text
+    assert_idle(llm)

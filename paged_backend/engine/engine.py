@@ -79,6 +79,8 @@ class LLMEngine:
         self._counter = itertools.count()
         self._arrivals = itertools.count()
         self.num_generated_tokens = 0
+        # Beam search (see paged_backend.beam_search): request id -> this step's top logprobs.
+        self.beam_logprobs: dict[str, tuple] = {}
 
     @classmethod
     def from_args(cls, model: Optional[str] = None, **kwargs) -> "LLMEngine":
@@ -191,6 +193,12 @@ class LLMEngine:
             self.scheduler.finish_request(rid, status)
             self.runner.free_request(rid)
 
+    def finish_external(self, request_id: str) -> None:
+        """End a request driven from outside (a beam); its blocks are freed at once."""
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+        self.runner.free_request(request_id)
+        self.beam_logprobs.pop(request_id, None)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
@@ -208,6 +216,10 @@ class LLMEngine:
         touched: dict[str, _Parent] = {}
         for s in sched.scheduled:
             req = s.request
+            if req.external:  # a beam: its driver reads the logprobs and decides the token
+                if req.request_id in res.sampled and not req.is_finished:
+                    self.beam_logprobs[req.request_id] = res.logprobs[req.request_id]
+                continue
             seq = self._seqs.get(req.request_id)
             if seq is None:
                 continue

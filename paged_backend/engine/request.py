@@ -54,6 +54,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     # Parallel sampling: requests that fork from this one once its prompt is computed.
     fork_children: list["Request"] = field(default_factory=list)
+    # Driven from outside (beam search): the engine reports logprobs, appends nothing.
+    external: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
