@@ -38,7 +38,7 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True,
                  seed: int = 0, load_format: str = "auto", enforce_eager: bool = False,
                  skip_tokenizer_init: bool = False, gguf_file: Optional[str] = None,
-                 tensor_parallel_size: int = 1, **kwargs: Any):
+                 max_logprobs: int = 20, tensor_parallel_size: int = 1, **kwargs: Any):
         unknown = set(kwargs) - _IGNORED_KWARGS
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword arguments: {sorted(unknown)}")
@@ -53,7 +53,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
             enforce_eager=enforce_eager, skip_tokenizer_init=skip_tokenizer_init,
-            gguf_file=gguf_file))
+            gguf_file=gguf_file, max_logprobs=max_logprobs))
         self._request_counter = 0
 
     # ---------------------------------------------------------------- helpers

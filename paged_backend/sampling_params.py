@@ -56,13 +56,30 @@ class SamplingParams:
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
+        self.verify()
+
+    def verify(self) -> None:
+        """Normalize and check every field (ValueError naming the field).
+
+        Runs at construction and again when a request is added, so fields
+        changed after construction are checked too.
+        """
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        else:
+            raise ValueError(f"SamplingParams.stop must be a string or a list of strings, "
+                             f"got {self.stop!r}.")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"SamplingParams.stop_token_ids must be a list of token ids, "
+                             f"got {self.stop_token_ids!r}.")
         if self.best_of is None:
             self.best_of = self.n
         self._verify()

@@ -164,6 +164,14 @@ def test_bad_input_is_a_value_error_and_llm_keeps_serving(llm):
         llm.generate("x", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate("x", SamplingParams(stop_token_ids=[10**7]), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        llm.generate("x", SamplingParams(logprobs=21), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate("x", SamplingParams(prompt_logprobs=1000), use_tqdm=False)
+    changed = SamplingParams()
+    changed.top_k = -5  # changed after construction: checked again when the request is added
+    with pytest.raises(ValueError, match="top_k"):
+        llm.generate("x", changed, use_tqdm=False)
     assert_idle(llm)
     out = gen1(llm, "The capital of France is", max_tokens=3, **GREEDY)
     assert out.outputs[0].text.startswith(" Paris")
@@ -191,6 +199,9 @@ def test_skip_tokenizer_init():
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("text prompt", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop"):
+        llm.generate({"prompt_token_ids": [504, 3575]}, SamplingParams(stop=["Paris"]), use_tqdm=False)
+    assert llm.get_stats()["kv_blocks_used"] == 0
 
 
 def test_chat_batch(llm):

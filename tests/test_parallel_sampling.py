@@ -65,7 +65,7 @@ def test_n8_shares_prompt_blocks(llm):
 
 def test_best_of_returns_top_n_by_cumulative_logprob(llm):
     out, _ = check_sharing_bound(llm, SamplingParams(n=2, best_of=8, temperature=1.0, seed=1,
-                                                     max_tokens=32, ignore_eos=True))
+                                                     max_tokens=32, ignore_eos=True, logprobs=0))
     assert len(out.outputs) == 2 and [c.index for c in out.outputs] == [0, 1]
     cums = [c.cumulative_logprob for c in out.outputs]
     assert cums[0] >= cums[1]
@@ -75,6 +75,12 @@ def test_best_of_returns_top_n_by_cumulative_logprob(llm):
                                        logprobs=0), use_tqdm=False)[0]
     best = sorted((c.cumulative_logprob for c in all8.outputs), reverse=True)[:2]
     assert cums == pytest.approx(best, abs=1e-4)
+    # Without logprobs asked for, cumulative_logprob stays None (vLLM V1), best_of still ranks.
+    plain = llm.generate({"prompt_token_ids": prompt_of(500)},
+                         SamplingParams(n=2, best_of=8, temperature=1.0, seed=1, max_tokens=32,
+                                        ignore_eos=True), use_tqdm=False)[0]
+    assert [c.cumulative_logprob for c in plain.outputs] == [None, None]
+    assert [c.token_ids for c in plain.outputs] == [c.token_ids for c in out.outputs]
 
 
 def test_abort_midway_frees_everything(llm):

@@ -65,7 +65,8 @@ class LLMEngine:
     """
 
     def __init__(self, *, scheduler: Scheduler, runner, tokenizer, eos_token_ids: set[int],
-                 vocab_size: int, max_model_len: int, detokenizer_cls=None):
+                 vocab_size: int, max_model_len: int, detokenizer_cls=None,
+                 max_logprobs: int = 20):
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.bm
         self.runner = runner
@@ -73,6 +74,7 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
         self._detokenizer_cls = detokenizer_cls
         self._parents: dict[str, _Parent] = {}
         self._seqs: dict[str, _Sequence] = {}  # internal (child) request id -> sequence
@@ -135,7 +137,16 @@ class LLMEngine:
             raise ValueError(f"the prompt is {len(ids)} tokens long, longer than max_model_len "
                              f"({self.max_model_len}).")
         params = params.clone()
+        params.verify()
         params.verify_vocab(self.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise ValueError(f"SamplingParams.{name} is {k}, more than max_logprobs "
+                                 f"({self.max_logprobs}) allows.")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop (stop strings) needs a tokenizer; this engine "
+                             "was built with skip_tokenizer_init=True: use stop_token_ids.")
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
         parent = _Parent(request_id, text, ids, params)
@@ -310,7 +321,7 @@ class LLMEngine:
         else:
             ids = list(ids)
             lps = list(lps) if lps is not None else None
-        cum = seq.cumulative_logprob if req.sampling_params.logprobs is not None else None
+        cum = seq.cumulative_logprob if seq.logprobs is not None else None  # as vLLM V1
         return CompletionOutput(seq.index, text, ids, cum, lps, seq.finish_reason, seq.stop_reason)
 
     def _make_output(self, parent: _Parent) -> Optional[RequestOutput]:

@@ -47,6 +47,7 @@ class EngineArgs:
     enforce_eager: bool = False
     skip_tokenizer_init: bool = False
     gguf_file: Optional[str] = None
+    max_logprobs: int = 20
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -131,6 +132,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
     if args.load_format not in ("auto", "dummy", "safetensors", "gguf", "pt"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {args.load_format!r}.")
+    if not isinstance(args.max_logprobs, int) or args.max_logprobs < 0:
+        raise ValueError(f"max_logprobs must be an integer >= 0, got {args.max_logprobs!r}.")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     src = loader.resolve_model(args.model, args.gguf_file)
@@ -196,7 +199,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     engine = LLMEngine(scheduler=sched, runner=runner, tokenizer=tokenizer,
                        eos_token_ids=eos_ids(text_config, tokenizer, src.path),
                        vocab_size=vocab_size, max_model_len=max_model_len,
-                       detokenizer_cls=IncrementalDetokenizer)
+                       detokenizer_cls=IncrementalDetokenizer, max_logprobs=args.max_logprobs)
     engine.config = cfg
     engine.hf_config = hf_config
     engine.model_source = src

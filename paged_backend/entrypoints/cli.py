@@ -23,7 +23,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from paged_backend import LLM, SamplingParams
 
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+    temperature = args.temperature
+    if temperature is None:  # greedy for one completion, sampling for several
+        temperature = 0.0 if args.n == 1 else 1.0
+    params = SamplingParams(n=args.n, temperature=temperature, top_p=args.top_p,
                             top_k=args.top_k, max_tokens=args.max_tokens, seed=args.sample_seed,
                             stop=args.stop or None)
     llm = LLM(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate completions for prompts and print them")
     _add_engine_args(g)
     g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="default: 0 (greedy) with --n 1, else 1.0")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--n", type=int, default=1, help="completions per prompt")
@@ -67,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing files, a hub without network
         print(f"error: {e}", file=sys.stderr)
         return 2
 
