@@ -125,7 +125,7 @@ def _kv_blocks(args: EngineArgs, device: torch.device, bytes_per_block: int, max
 
 def build_engine(args: EngineArgs) -> LLMEngine:
     """Load the model and tokenizer and assemble scheduler, block manager, runner and engine."""
-    from paged_backend.layers.torch_attention import TorchAttentionBackend
+    from paged_backend.layers.triton_attention import default_backend
     from paged_backend.models import loader
     from paged_backend.models.registry import kv_cache_shape_info
     from paged_backend.runner.model_runner import ModelRunner
@@ -166,7 +166,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
                        enforce_eager=args.enforce_eager)
 
     torch.manual_seed(args.seed)
-    backend = TorchAttentionBackend()
+    backend = default_backend(device)
     model = loader.load_model(src, hf_config, dtype=dtype, device=device,
                               load_format=args.load_format, attn_backend=backend)
     if device.type == "cpu" and dtype == torch.float32:

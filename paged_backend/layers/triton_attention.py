@@ -1,0 +1,55 @@
+"""`AttentionBackend` on Triton kernels over the paged cache (CUDA).
+
+Per layer: one kernel writes the new tokens' K/V into their slots, then a
+batch of pure decode rows runs the split-KV decode kernel (query heads of a
+KV head packed into one `tl.dot`, partial results merged by log-sum-exp),
+and any other batch (prefill, chunked prefill, prefix hits, mixed) runs the
+varlen extend kernel, which reads the cached prefix straight from the
+blocks. Nothing here reads device values on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paged_backend.layers.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    """Paged attention with the kernels of `paged_backend.kernels`."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from paged_backend.kernels.decode_attention import decode_attention
+        from paged_backend.kernels.extend_attention import extend_attention
+        from paged_backend.kernels.kv_write import write_kv
+        self._decode = decode_attention
+        self._extend = extend_attention
+        self._write = write_kv
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; writes k/v at `meta.slot_mapping`, returns [T, Hq, D]."""
+        self._write(k, v, kv_cache, meta.slot_mapping)
+        if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
+            return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                max_seq_len=meta.max_seq_len)
+        return self._extend(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                            meta.max_query_len, scale)
+
+
+def default_backend(device: torch.device):
+    """Triton on CUDA when triton imports, else the plain-torch backend."""
+    import os
+
+    from paged_backend.layers.torch_attention import TorchAttentionBackend
+    choice = os.environ.get("PAGED_BACKEND_ATTENTION", "auto")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return TorchAttentionBackend()
+    try:
+        return TritonAttentionBackend()
+    except ImportError:
+        if choice == "triton":
+            raise
+        return TorchAttentionBackend()

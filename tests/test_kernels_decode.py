@@ -1,0 +1,229 @@
+"""Triton KV-write and paged decode-attention kernels vs their torch references.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1,
+set before the kernel modules are imported) on tiny float32/float16 shapes;
+the `gpu` tests run the compiled kernels over realistic shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from paged_backend.kernels.decode_attention import (  # noqa: E402
+    choose_num_splits, decode_attention, decode_attention_ref)
+from paged_backend.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
+
+# The small CPU cases need the interpreter, which is only switched on without CUDA.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU")
+
+CPU_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+GPU_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def make_case(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, device="cpu",
+              seed=0, extra_blocks=3):
+    """Random q, a NaN-poisoned paged cache holding each sequence's context in shuffled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(seq_lens)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    max_blocks = max(1, max(blocks_per_seq))
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.zeros(batch, max_blocks, dtype=torch.int32)  # padded with 0, as the runner does
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    used = 0
+    for b, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+        blocks = perm[used:used + nb]
+        used += nb
+        block_tables[b, :nb] = blocks.int()
+        pos = torch.arange(n)
+        kv_cache[:, blocks[pos // block_size], pos % block_size] = torch.randn(
+            2, n, num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(batch, num_kv_heads * group, head_dim, generator=gen)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    return (q.to(device=device, dtype=dtype), kv_cache.to(device=device, dtype=dtype),
+            block_tables.to(device), seq_lens_t.to(device))
+
+
+def check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, splits, atol,
+                 device="cpu", block_n=None, seed=0):
+    q, kv_cache, block_tables, seq_lens_t = make_case(
+        seq_lens, num_kv_heads, group, head_dim, block_size, dtype, device, seed)
+    scale = head_dim ** -0.5
+    ref = decode_attention_ref(q, kv_cache, block_tables, seq_lens_t, scale)
+    assert torch.isfinite(ref.float()).all()
+    for s in splits:
+        out = decode_attention(q, kv_cache, block_tables, seq_lens_t, scale, num_splits=s,
+                               block_n=block_n)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, f"num_splits={s}: max abs err {err}"
+
+
+# ---------------------------------------------------------------- CPU (interpreter)
+
+
+@cpu_only
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_interpreter(block_size, group, dtype):
+    head_dim = 16 if group != 2 else 32
+    num_kv_heads = 2 if group < 4 else 1
+    seq_lens = {1: [70, 1, 33], 4: [17], 16: [5, 64]}[block_size]
+    check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype,
+                 splits=[1, 3, None], atol=CPU_TOL[dtype], block_n=16, seed=block_size * 7 + group)
+
+
+@cpu_only
+def test_decode_interpreter_short_contexts_many_splits():
+    # More splits than tiles (empty splits), contexts of 1, exactly one tile, one past it.
+    check_decode([1, 16, 17], 1, 2, 16, 4, torch.float32, splits=[2, 8], atol=1e-5, block_n=16)
+
+
+@cpu_only
+def test_decode_interpreter_default_tile_and_auto_splits():
+    check_decode([40, 3], 2, 2, 16, 8, torch.float32, splits=[None], atol=1e-5)  # block_n 64
+
+
+@cpu_only
+def test_decode_interpreter_block_size_not_power_of_two():
+    check_decode([23, 9], 1, 2, 16, 6, torch.float32, splits=[1, 2], atol=1e-5, block_n=16)
+
+
+@cpu_only
+def test_decode_interpreter_strided_q_out_and_empty_sequence():
+    q, kv_cache, block_tables, seq_lens = make_case([9, 20], 1, 2, 16, 4, torch.float32)
+    seq_lens[1] = 0  # a padding sequence: zero output, no NaN
+    qkv = torch.randn(2, 3, 2, 16)
+    qkv[:, 0] = q
+    q_view = qkv[:, 0]  # non-contiguous [B, Hq, D] view
+    ref = decode_attention_ref(q, kv_cache, block_tables, seq_lens, 0.3)
+    for s in (1, 2):
+        out_buf = torch.full((2, 2, 4, 16), 7.0)
+        out = out_buf[:, :, 1]
+        res = decode_attention(q_view, kv_cache, block_tables, seq_lens, 0.3, out=out,
+                               num_splits=s, block_n=16)
+        assert res.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        assert (out[1] == 0).all()
+        assert (out_buf[:, :, 0] == 7.0).all() and (out_buf[:, :, 2:] == 7.0).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_interpreter(dtype):
+    num_blocks, block_size, num_kv_heads, head_dim = 5, 4, 3, 8
+    sentinel = -123.0
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), sentinel, dtype=dtype)
+    kv_ref = kv_cache.clone()
+    fused = torch.randn(6, 3 * num_kv_heads * head_dim)  # k, v as strided views, in float32
+    k = fused[:, : num_kv_heads * head_dim].view(6, num_kv_heads, head_dim)
+    v = fused[:, num_kv_heads * head_dim: 2 * num_kv_heads * head_dim].view(6, num_kv_heads, head_dim)
+    slots = torch.tensor([13, -1, 0, 19, -1, 6, 99], dtype=torch.int64)  # longer than T: ignored tail
+    write_kv(k, v, kv_cache, slots)
+    write_kv_ref(k, v, kv_ref, slots)
+    assert torch.equal(kv_cache, kv_ref)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[[13, 0, 19, 6]] = True
+    flat = kv_cache.view(2, num_blocks * block_size, -1)
+    assert (flat[:, ~written] == sentinel).all()
+    assert torch.equal(flat[0, 19].view(num_kv_heads, head_dim), k[3].to(dtype))
+    write_kv(k[:0], v[:0], kv_cache, slots[:0])  # empty batch: no launch
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(256, 8, 4096) == 1
+    assert choose_num_splits(1, 8, 4096) == 16  # 8 programs: capped at 16 splits
+    assert choose_num_splits(4, 8, 4096) == 9
+    assert choose_num_splits(1, 8, 100) == 2  # capped by the tiles of the longest sequence
+    assert choose_num_splits(1, 1, 1) == 1
+
+
+# ---------------------------------------------------------------- GPU
+
+GPU_BATCHES = {
+    "single_long": [4096],
+    "mixed": [1, 17, 1000, 4095, 64],
+    "b64": None,   # random 1..2048
+    "b256": None,  # random 1..512
+}
+
+
+def _gpu_lens(name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if name == "b64":
+        return torch.randint(1, 2049, (64,), generator=gen).tolist()
+    if name == "b256":
+        return torch.randint(1, 513, (256,), generator=gen).tolist()
+    return GPU_BATCHES[name]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", list(GPU_BATCHES))
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_gpu(dtype, head_dim, group, block_size, batch):
+    num_kv_heads = 2 if group == 8 else 4
+    seq_lens = _gpu_lens(batch, seed=head_dim + group + block_size)
+    check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype,
+                 splits=[None, 1, 5, 16], atol=GPU_TOL[dtype], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+def test_decode_gpu_tile_sizes(block_n):
+    check_decode([1, 31, 300, 2049], 2, 4, 128, 16, torch.bfloat16, splits=[1, 4],
+                 atol=2e-2, device="cuda", block_n=block_n)
+
+
+@pytest.mark.gpu
+def test_decode_gpu_float32():
+    check_decode([1, 77, 1500], 2, 4, 64, 16, torch.float32, splits=[1, 6], atol=1e-4,
+                 device="cuda")
+
+
+@pytest.mark.gpu
+def test_write_kv_gpu():
+    num_blocks, block_size, num_kv_heads, head_dim, t = 64, 16, 8, 128, 100
+    kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim,
+                           dtype=torch.bfloat16, device="cuda")
+    kv_ref = kv_cache.clone()
+    k = torch.randn(t, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:t]
+    slots[::7] = -1
+    write_kv(k, v, kv_cache, slots)
+    write_kv_ref(k, v, kv_ref, slots)
+    assert torch.equal(kv_cache, kv_ref)
+
+
+@pytest.mark.gpu
+def test_decode_gpu_cuda_graph():
+    """Captured once with a fixed num_splits, replayed after the lengths change."""
+    q, kv_cache, block_tables, seq_lens = make_case([300, 2000, 5], 2, 4, 128, 16,
+                                                    torch.bfloat16, device="cuda")
+    scale = 128 ** -0.5
+    out = torch.empty_like(q)
+    splits = choose_num_splits(3, 2, 4096)
+    decode_attention(q, kv_cache, block_tables, seq_lens, scale, out=out, num_splits=splits)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, kv_cache, block_tables, seq_lens, scale, out=out, num_splits=splits)
+    seq_lens.copy_(torch.tensor([299, 1, 5], dtype=torch.int32))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = decode_attention_ref(q, kv_cache, block_tables, seq_lens, scale)
+    assert (out.float() - ref.float()).abs().max().item() <= 2e-2
