@@ -49,6 +49,17 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_update(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """One online-softmax step: fold scores `s` [M, N] (log2 units) and values `v` [N, D] in."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _extend_attention_kernel(
     q_ptr, kv_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -108,12 +119,7 @@ def _extend_attention_kernel(
         k = tl.load(k_base + slot_off[None, :] + offs_d[:, None] * stride_kd)  # [D, N]
         v = tl.load(v_base + slot_off[:, None] + offs_d[None, :] * stride_kd)  # [N, D]
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, PRECISION)
 
     # Phase 2: tiles crossing the diagonal (and the sequence end), masked.
     for start in range(full_end, kv_hi, BLOCK_N):
@@ -128,12 +134,7 @@ def _extend_attention_kernel(
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / l_safe[:, None]

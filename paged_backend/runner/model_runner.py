@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -129,7 +129,7 @@ class ModelRunner:
         sample_idx: list[int] = []
         rows: list[SamplingRow] = []
         row_reqs: list[str] = []
-        prompt_lp: list[tuple[str, int, int, int]] = []  # (req id, first flat index, count, k)
+        prompt_lp: list[tuple[Any, int, int, int, int]] = []  # (request, computed, flat start, count, k)
         for i, s in enumerate(sched.scheduled):
             req = s.request
             start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
@@ -139,7 +139,7 @@ class ModelRunner:
                 last = min(s.num_computed_tokens + s.num_new_tokens, req.num_prompt_tokens - 1)
                 cnt = last - s.num_computed_tokens
                 if cnt > 0:
-                    prompt_lp.append((req.request_id, start, cnt, sp.prompt_logprobs))
+                    prompt_lp.append((req, s.num_computed_tokens, start, cnt, sp.prompt_logprobs))
             if s.samples:
                 # A request about to fork (parallel sampling) samples every child's
                 # first token from the same logits.
@@ -165,13 +165,11 @@ class ModelRunner:
                     if k is not None:
                         out.logprobs[rid] = (ids_l[r][:k + 1], lps_l[r][:k + 1], ranks_l[r])
 
-        for rid, start, cnt, k in prompt_lp:
-            req = next(s.request for s in sched.scheduled if s.request.request_id == rid)
-            c = next(s.num_computed_tokens for s in sched.scheduled if s.request.request_id == rid)
+        for req, c, start, cnt, k in prompt_lp:
             logits = self.model.compute_logits(hidden[start:start + cnt]).float()
             targets = torch.tensor(req.prompt_token_ids[c + 1:c + 1 + cnt], device=self.device)
             t = compute_logprobs_tensors(logits, targets, k)
             ids_l, lps_l, ranks_l = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
-            out.prompt_logprobs[rid] = [(ids_l[j][:k + 1], lps_l[j][:k + 1], ranks_l[j])
+            out.prompt_logprobs[req.request_id] = [(ids_l[j][:k + 1], lps_l[j][:k + 1], ranks_l[j])
                                         for j in range(cnt)]
         return out
