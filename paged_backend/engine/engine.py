@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from paged_backend.engine.block_manager import BlockManager
 from paged_backend.engine.request import Request, RequestStatus
-from paged_backend.engine.scheduler import Scheduler
+from paged_backend.engine.scheduler import Scheduler, SchedulerOutput
 from paged_backend.outputs import CompletionOutput, Logprob, RequestOutput
 from paged_backend.sampling_params import RequestOutputKind, SamplingParams
 
@@ -57,6 +57,12 @@ class _Parent:
         return all(s.finish_reason is not None for s in self.seqs)
 
 
+def _overlap_safe(p: SamplingParams) -> bool:
+    """True when sampling does not read the request's own latest tokens on the host."""
+    return (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0 and not p.min_tokens)
+
+
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache.
 
@@ -83,6 +89,10 @@ class LLMEngine:
         self.num_generated_tokens = 0
         # Beam search (see paged_backend.beam_search): request id -> this step's top logprobs.
         self.beam_logprobs: dict[str, tuple] = {}
+        # Overlap steps (schedule k+1 before reading k's results) where the runner is async.
+        self.overlap: bool = bool(getattr(runner, "supports_overlap", False))
+        self._inflight: Optional[tuple[SchedulerOutput, Any]] = None
+        self.num_overlapped_steps = 0
 
     @classmethod
     def from_args(cls, model: Optional[str] = None, **kwargs) -> "LLMEngine":
@@ -165,7 +175,8 @@ class LLMEngine:
                 if params.best_of > params.n and child.logprobs is None:
                     child.logprobs = 0  # ranking needs cumulative logprobs
             rid = request_id if params.best_of == 1 else f"{request_id}#{i}"
-            req = Request(rid, ids, child, arrival_index=arrival)
+            req = Request(rid, ids, child, arrival_index=arrival,
+                          overlap_ok=params.best_of == 1 and _overlap_safe(child))
             detok = None
             if self.tokenizer is not None and self._detokenizer_cls is not None:
                 detok = self._detokenizer_cls(self.tokenizer, ids, child)
@@ -218,15 +229,50 @@ class LLMEngine:
 
     # -------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; return the outputs of requests that changed (per their output_kind)."""
+        """Run one engine step; return the outputs of requests that changed (per their output_kind).
+
+        On CUDA the engine overlaps: it schedules and launches step k, then
+        reads step k-1's results while step k runs, so the outputs a call
+        returns are those of the previous launch. Requests whose sampling
+        reads their own latest tokens (penalties, min_tokens), parallel
+        sampling and beam search run without overlap.
+        """
+        outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, None
+        overlap = self.overlap and self._can_overlap()
+        if prev is not None and not overlap:
+            outputs += self._process(*prev)
+            prev = None
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        res = self.runner.execute(sched)
-        self.scheduler.update_after_step(sched)
+        cur = None
+        if not sched.is_empty:
+            cur = (sched, self.runner.launch(sched))
+            for s in sched.scheduled:
+                if s.samples:
+                    s.request.num_pending += 1
+            self.scheduler.update_after_step(sched)
+        if prev is not None:
+            outputs += self._process(*prev)
+        if cur is not None:
+            if overlap:
+                self._inflight = cur
+                self.num_overlapped_steps += 1
+            else:
+                outputs += self._process(*cur)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        sched = self.scheduler
+        return all(r.overlap_ok for r in sched.running) and all(r.overlap_ok for r in sched.waiting)
+
+    def _process(self, sched: SchedulerOutput, handle) -> list[RequestOutput]:
+        """Read a launched step's results: append tokens, check stops, build outputs."""
+        res = handle.result()
         touched: dict[str, _Parent] = {}
         for s in sched.scheduled:
             req = s.request
+            if s.samples:
+                req.num_pending -= 1
             if req.external:  # a beam: its driver reads the logprobs and decides the token
                 if req.request_id in res.sampled and not req.is_finished:
                     self.beam_logprobs[req.request_id] = res.logprobs[req.request_id]
@@ -372,6 +418,8 @@ class LLMEngine:
             "num_steps": st.num_steps,
             "num_chunked_prefill_steps": st.num_chunked_prefills,
             "num_mixed_steps": st.num_mixed_steps,
+            "num_overlapped_steps": self.num_overlapped_steps,
+            "num_cuda_graphs": self.runner.num_cuda_graphs,
             "num_generated_tokens": self.num_generated_tokens,
         }
 
@@ -382,4 +430,5 @@ class LLMEngine:
         bm.stats.prefix_cache_queries = bm.stats.prefix_cache_hit_tokens = bm.stats.cow_copies = 0
         st = self.scheduler.stats
         st.num_preemptions = st.num_steps = st.num_chunked_prefills = st.num_mixed_steps = 0
+        self.num_overlapped_steps = 0
         self.num_generated_tokens = 0

@@ -25,6 +25,8 @@ _DTYPES = {
 # KV space on the CPU when num_kv_blocks is not given (GiB); override with this variable.
 CPU_KV_SPACE_ENV = "PAGED_BACKEND_CPU_KV_SPACE_GIB"
 _DEFAULT_CPU_KV_GIB = 4.0
+# Largest decode batch captured as a CUDA graph (larger decode batches run eagerly).
+_MAX_GRAPH_BATCH = 512
 
 
 @dataclass(slots=True)
@@ -194,6 +196,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     runner = ModelRunner(model, num_layers=num_layers, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, num_blocks=num_blocks, block_size=cfg.block_size,
                          vocab_size=vocab_size, device=device, dtype=dtype, seed=cfg.seed)
+    if device.type == "cuda" and not cfg.enforce_eager and getattr(backend, "graph_capturable", False):
+        runner.capture_decode_graphs(min(cfg.max_num_seqs, _MAX_GRAPH_BATCH), max_model_len)
     bm = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     sched = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len)
     engine = LLMEngine(scheduler=sched, runner=runner, tokenizer=tokenizer,

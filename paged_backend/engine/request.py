@@ -20,6 +20,11 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
 
     @property
+    def num_tokens_with_pending(self) -> int:
+        """Known tokens plus the one sampled on the device and not read back yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 
@@ -56,6 +61,13 @@ class Request:
     fork_children: list["Request"] = field(default_factory=list)
     # Driven from outside (beam search): the engine reports logprobs, appends nothing.
     external: bool = False
+    # Tokens sampled by launched steps whose values the host has not read yet (at most 1
+    # when a step is scheduled):
+    # the next step may already compute them (the runner feeds them from the device).
+    num_pending: int = 0
+    # May run with the engine's next step scheduled before this step's results are read
+    # (set by the engine for requests whose sampling does not read their own last tokens).
+    overlap_ok: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,6 +94,11 @@ class Request:
         if start >= p:
             return self.output_token_ids[start - p:stop - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Known tokens plus the one sampled on the device and not read back yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def is_finished(self) -> bool:

@@ -27,11 +27,8 @@ class ScheduledRequest:
     num_new_tokens: int
     num_computed_tokens: int
     block_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens: a token is sampled."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    # True when this chunk reaches the end of the request's tokens: a token is sampled.
+    samples: bool = False
 
 
 @dataclass(slots=True)
@@ -126,7 +123,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            total = req.num_tokens_with_pending
+            if req.num_pending and self._surely_done(req):
+                i += 1  # its pending token ends it: nothing left to compute
+                continue
+            num_new = min(total - req.num_computed_tokens, budget)
             assert num_new > 0, req
             while not self.bm.allocate_slots(req, num_new):
                 victim = self.running.pop()  # newest arrival goes back to waiting
@@ -135,8 +136,9 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new, req.num_computed_tokens,
-                                                      self.bm.block_ids(req.request_id)))
+                out.scheduled.append(ScheduledRequest(
+                    req, num_new, req.num_computed_tokens, self.bm.block_ids(req.request_id),
+                    req.num_computed_tokens + num_new == total))
                 scheduled_ids.add(req.request_id)
                 budget -= num_new
                 i += 1
@@ -158,7 +160,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new, num_hit,
-                                                  self.bm.block_ids(req.request_id)))
+                                                  self.bm.block_ids(req.request_id),
+                                                  num_hit + num_new == req.num_tokens))
             budget -= num_new
 
         out.block_copies = self.bm.take_copies()
@@ -170,15 +173,25 @@ class Scheduler:
             self.stats.num_mixed_steps += 1
         return out
 
+    def _surely_done(self, req: Request) -> bool:
+        """True when the request's pending token will reach max_tokens or max_model_len."""
+        n_out = req.num_output_tokens + req.num_pending
+        max_tokens = req.sampling_params.max_tokens
+        return (max_tokens is not None and n_out >= max_tokens) \
+            or req.num_tokens_with_pending >= self.max_model_len
+
     # ------------------------------------------------------------------ update
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Mark the scheduled tokens computed and publish full blocks to the prefix cache."""
+        """Mark the scheduled tokens computed and publish full blocks to the prefix cache.
+
+        Only blocks whose token ids are all known (not pending) get hashed.
+        """
         for s in out.scheduled:
             req = s.request
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens = s.num_computed_tokens + s.num_new_tokens
-            self.bm.cache_blocks(req, req.num_computed_tokens)
+            self.bm.cache_blocks(req, min(req.num_computed_tokens, req.num_tokens))
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """End a request (stopped, length or aborted): its blocks are freed at once."""

@@ -9,7 +9,7 @@ hits and decode in one mixed batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -37,6 +37,8 @@ class AttentionMetadata:
     block_size: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Split count of the decode kernel, fixed when the step replays a CUDA graph (None: per step).
+    decode_num_splits: Optional[int] = None
     # Per-step scratch of a backend (index tensors it builds at the first layer, reused by the rest).
     backend_cache: dict = field(default_factory=dict)
 
@@ -49,6 +51,8 @@ class AttentionBackend(Protocol):
     """Computes paged attention for one layer."""
 
     name: str
+    # True when forward() never reads device values on the host, so steps can be graph-captured.
+    graph_capturable: bool
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

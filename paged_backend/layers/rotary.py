@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from paged_backend.layers import fused_kernels
+from paged_backend.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +87,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Computes cos/sin for token positions and rotates q/k `[T, H, D]` with them.
 
-    cos/sin are computed from the positions on each call (once per model
-    forward, shared by all layers), so there is no position limit.
+    `rotate` is the per-layer entry point: on CUDA (see `fused_kernels`) one
+    Triton kernel computes cos/sin itself and rotates q and k in place
+    (after Qwen3's per-head q/k norms, fused); the torch path uses cos/sin
+    from `cos_sin`, computed from the positions once per model forward
+    (`torch_cos_sin`) and shared by all layers. No position limit either way.
     """
 
     def __init__(self, head_dim: int, params: dict[str, Any]) -> None:
@@ -111,3 +117,51 @@ class RotaryEmbedding(torch.nn.Module):
         cos = cos[:, None, :]
         sin = sin[:, None, :]
         return x * cos + rotate_half(x) * sin
+
+    def uses_kernel(self, q: torch.Tensor) -> bool:
+        """Whether `rotate` runs the Triton kernel for q/k like `q`."""
+        return fused_kernels.use_fused_kernels(q)
+
+    def torch_cos_sin(self, positions: torch.Tensor, x: torch.Tensor
+                      ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """`cos_sin(positions, x.dtype)` for `rotate`'s torch path; None when the kernel runs."""
+        if self.uses_kernel(x):
+            return None
+        return self.cos_sin(positions, x.dtype)
+
+    def rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               q_norm: Optional[RMSNorm] = None, k_norm: Optional[RMSNorm] = None,
+               cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k) for q `[T, Hq, D]`, k `[T, Hkv, D]` at `positions` `[T]`.
+
+        `q_norm`/`k_norm` (RMSNorm over D, Qwen3) are applied first. The kernel
+        path rotates q and k IN PLACE (strided views of a fused QKV output are
+        fine) and returns them; the torch path returns new tensors, using
+        `cos_sin` when given (else computing it).
+        """
+        if self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm):
+            from paged_backend.kernels.rotary import apply_rotary
+
+            norm = q_norm if q_norm is not None else k_norm
+            return apply_rotary(
+                q, k, positions, self.inv_freq,
+                q_norm.weight if q_norm is not None else None,
+                k_norm.weight if k_norm is not None else None,
+                eps=norm.eps if norm is not None else 1e-6)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions, q.dtype)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
+    def _kernel_norms_ok(self, q: torch.Tensor, q_norm: Optional[RMSNorm],
+                         k_norm: Optional[RMSNorm]) -> bool:
+        """The kernel fuses RMSNorms of q's dtype sharing one epsilon; float32 inv_freq."""
+        norms = [n for n in (q_norm, k_norm) if n is not None]
+        if any(not isinstance(n, RMSNorm) or n.weight.dtype != q.dtype for n in norms):
+            return False
+        if len({n.eps for n in norms}) > 1:
+            return False
+        return self.inv_freq.dtype == torch.float32

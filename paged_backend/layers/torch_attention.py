@@ -58,6 +58,7 @@ class TorchAttentionBackend:
     """
 
     name = "torch"
+    graph_capturable = False  # reads the step's host lists and syncs per layer
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ class TritonAttentionBackend:
     """Paged attention with the kernels of `paged_backend.kernels`."""
 
     name = "triton"
+    graph_capturable = True
 
     def __init__(self) -> None:
         from paged_backend.kernels.decode_attention import decode_attention
@@ -34,7 +35,7 @@ class TritonAttentionBackend:
         self._write(k, v, kv_cache, meta.slot_mapping)
         if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                max_seq_len=meta.max_seq_len)
+                                num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len)
         return self._extend(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             meta.max_query_len, scale)
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers.activations import ACT2FN
 
+from paged_backend.layers.activation import SiluAndMul
 from paged_backend.layers.attention import AttentionBackend, AttentionMetadata
 from paged_backend.layers.linear import ColumnParallelLinear, RowParallelLinear
 from paged_backend.layers.norm import RMSNorm
@@ -47,7 +48,7 @@ def _attention_biases(cfg: Any) -> tuple[bool, bool]:
 
 
 class LlamaMLP(torch.nn.Module):
-    """Gated MLP: `down(act(gate(x)) * up(x))`."""
+    """Gated MLP: `down(act(gate(x)) * up(x))`; SiLU runs fused with the product."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -55,23 +56,32 @@ class LlamaMLP(torch.nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = ACT2FN[cfg.hidden_act]
+        if cfg.hidden_act == "silu":
+            self.act_and_mul: Optional[SiluAndMul] = SiluAndMul()
+            self.act = None
+        else:
+            self.act_and_mul = None
+            self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_and_mul is not None:
+            return self.down_proj(self.act_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
 class LlamaAttention(torch.nn.Module):
     """Self-attention with rotary embeddings and grouped KV heads over the paged cache."""
 
-    def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
+    def __init__(self, cfg: Any, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = _num_kv_heads(cfg)
         self.head_dim = _head_dim(cfg)
         self.scale = self.head_dim ** -0.5
         self.attn_backend = attn_backend
+        self.rotary_emb = rotary_emb  # shared by all layers (no weights)
         qkv_bias, o_bias = _attention_biases(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
@@ -83,35 +93,49 @@ class LlamaAttention(torch.nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata,
+                cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """`cos_sin`: the rotary torch path's cos/sin, computed once per forward (None: not needed)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+        q, k = self.rotary_emb.rotate(positions, q, k, self.q_norm, self.k_norm, cos_sin=cos_sin)
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block, with each residual add fused into the norm that follows it.
 
-    def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
+    `forward` takes the previous layer's MLP output `hidden` and the running
+    `residual` (None at the first layer) and returns this layer's
+    `(mlp_output, residual)`: the residual stream is `residual + hidden`.
+    """
+
+    def __init__(self, cfg: Any, attn_backend: AttentionBackend, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, attn_backend)
+        self.self_attn = LlamaAttention(cfg, attn_backend, rotary_emb)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: Optional[torch.Tensor], kv_cache: torch.Tensor,
+                meta: AttentionMetadata,
+                cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) after this layer; `residual` may be updated in place (kernel path)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -120,18 +144,22 @@ class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: Any, attn_backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(cfg, attn_backend) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding.from_config(cfg, _head_dim(cfg))
+        self.layers = torch.nn.ModuleList(
+            LlamaDecoderLayer(cfg, attn_backend, self.rotary_emb)
+            for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)
+        hidden = self.embed_tokens(input_ids)
+        # Only the torch rotary path needs cos/sin (the kernel computes its own).
+        cos_sin = self.rotary_emb.torch_cos_sin(positions, hidden)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
 
 class LlamaForCausalLM(torch.nn.Module):

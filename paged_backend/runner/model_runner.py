@@ -1,11 +1,22 @@
 """Turns a `SchedulerOutput` into tensors, runs the model, samples.
 
-The runner owns the KV cache (one allocation, a view per layer) and the
-per-request random generators of seeded requests. Each step it builds one
-explicit `AttentionMetadata`, runs the forward pass over all new tokens of
-the batch, computes logits only where they are needed (the last token of a
+The runner owns the KV cache (one allocation, a view per layer), the decode
+CUDA graphs and the per-request random generators of seeded requests.
+
+`launch(sched)` builds the step's inputs on the host with numpy into
+(pinned, double-buffered) staging arrays, copies them to the device in two
+transfers, runs the forward pass (replaying a captured graph for decode
+steps), computes logits only where they are needed (the last token of a
 sequence that samples, and prompt positions whose logprobs were asked for),
-samples, and returns plain Python results with one device->host copy.
+samples, and queues the results' copies to host memory. It returns a
+`StepHandle` without waiting for the GPU; `StepHandle.result()` waits and
+returns plain Python results. So the engine can schedule and prepare step
+k+1 while step k runs.
+
+A token sampled by the previous step whose value the host has not read yet
+(a request's "pending" token, see `Request.num_pending`) is fed to the next
+step from the device: the host writes a placeholder and the step gathers
+the value from the previous step's sampled-token tensor.
 """
 
 from __future__ import annotations
@@ -14,12 +25,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from paged_backend.engine.scheduler import SchedulerOutput
 from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.sampler import (Sampler, SamplingMetadata, SamplingRow,
                                           compute_logprobs_tensors)
+from paged_backend.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +49,102 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step: its results are being copied to host memory.
+
+    `result()` waits for the copies (not for later steps) and converts them.
+    """
+
+    row_reqs: list[str]
+    sampled: Optional[torch.Tensor]  # [rows] int64, host
+    logprobs: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # host
+    logprob_ks: list[Optional[int]]
+    prompt_logprobs: list[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor], int, int]]
+    event: Optional[torch.cuda.Event] = None
+    _out: Optional[ModelRunnerOutput] = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._out is not None:
+            return self._out
+        if self.event is not None:
+            self.event.synchronize()
+        out = ModelRunnerOutput()
+        if self.sampled is not None:
+            out.sampled = dict(zip(self.row_reqs, self.sampled.tolist()))
+        if self.logprobs is not None:
+            ids_l, lps_l, ranks_l = (t.tolist() for t in self.logprobs)
+            for r, (rid, k) in enumerate(zip(self.row_reqs, self.logprob_ks)):
+                if k is not None:
+                    out.logprobs[rid] = (ids_l[r][:k + 1], lps_l[r][:k + 1], ranks_l[r])
+        for rid, tensors, cnt, k in self.prompt_logprobs:
+            ids_l, lps_l, ranks_l = (t.tolist() for t in tensors)
+            out.prompt_logprobs[rid] = [(ids_l[j][:k + 1], lps_l[j][:k + 1], ranks_l[j])
+                                        for j in range(cnt)]
+        self._out = out
+        return out
+
+
+def _plain_greedy(p) -> bool:
+    """A row the sampler would reduce to argmax: greedy, no logprobs, no logits processing."""
+    return (p.temperature < 1e-5 and p.logprobs is None and not p.logit_bias
+            and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0 and not p.min_tokens)
+
+
+class _Staging:
+    """Two alternating sets of host arrays for a step's int64 and int32 inputs.
+
+    On CUDA they are pinned and a set is reused only after the copies that
+    read it last time have run (an event per set).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.pin = device.type == "cuda"
+        self._bufs: list[list[Optional[torch.Tensor]]] = [[None, None], [None, None]]
+        self._events: list[Optional[torch.cuda.Event]] = [None, None]
+        self._i = 0
+
+    def take(self, n64: int, n32: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._i ^= 1
+        ev = self._events[self._i]
+        if ev is not None:
+            ev.synchronize()
+        bufs = self._bufs[self._i]
+        for j, (n, dt) in enumerate(((n64, torch.int64), (n32, torch.int32))):
+            if bufs[j] is None or bufs[j].numel() < n:
+                bufs[j] = torch.empty(max(n, 1024) * 2, dtype=dt, pin_memory=self.pin)
+        return bufs[0][:n64], bufs[1][:n32]
+
+    def copied(self) -> None:
+        """Record that the copies reading the current set are queued."""
+        if self.pin:
+            ev = self._events[self._i] or torch.cuda.Event()
+            ev.record()
+            self._events[self._i] = ev
+
+
+@dataclass(slots=True)
+class _Inputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: Optional[AttentionMetadata]
+    graph_bucket: int  # 0: eager
+    sample_idx: Optional[torch.Tensor]  # None: the first num_rows hidden rows, in order
+
+
 class ModelRunner:
     """Runs one model on one device over a paged KV cache."""
 
     def __init__(self, model: torch.nn.Module, *, num_layers: int, num_kv_heads: int,
                  head_dim: int, num_blocks: int, block_size: int, vocab_size: int,
-                 device: torch.device, dtype: torch.dtype, seed: int = 0):
+                 device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_kv_heads = num_kv_heads
         self.vocab_size = vocab_size
         self.kv_cache = torch.zeros((num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
                                     dtype=dtype, device=device)
@@ -55,12 +153,35 @@ class ModelRunner:
         gen.manual_seed(seed)
         self.sampler = Sampler(gen)
         self._generators: dict[str, torch.Generator] = {}
+        self._staging = _Staging(device)
+        self.graphs: Optional[DecodeGraphs] = None
+        # The previous step's sampled tokens (device) and each request's row in it.
+        self._last_sampled: Optional[torch.Tensor] = None
+        self._last_rows: dict[str, int] = {}
+
+    @property
+    def supports_overlap(self) -> bool:
+        """True when a launched step runs asynchronously (CUDA), so overlapping pays."""
+        return self.device.type == "cuda"
+
+    @property
+    def num_cuda_graphs(self) -> int:
+        """Decode graphs captured (0: every step runs eagerly)."""
+        return len(self.graphs.buckets) if self.graphs is not None else 0
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                            dtype: torch.dtype) -> int:
         """Bytes of K and V for one block across all layers."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Capture CUDA graphs of decode steps for batch sizes up to `max_batch_size`."""
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_batch_size=max_batch_size,
+            max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
+            max_model_len=max_model_len, num_kv_heads=self.num_kv_heads, device=self.device)
+        self.graphs.capture()
 
     def free_request(self, request_id: str) -> None:
         """Forget a finished request's generator."""
@@ -76,63 +197,170 @@ class ModelRunner:
             self._generators[request_id] = gen
         return gen
 
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Queue a device->host copy into pinned memory (read after the step's event)."""
+        if self.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
     # ----------------------------------------------------------------- inputs
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(self, sched: SchedulerOutput, sample_rows: list[int]) -> _Inputs:
+        """Host arrays -> device tensors (two copies), or the graph's static buffers."""
+        sch = sched.scheduled
+        nseq = len(sch)
         bs = self.block_size
+        reqs = [s.request for s in sch]
+        qlens = [s.num_new_tokens for s in sch]
+        ctx = [s.num_computed_tokens for s in sch]
+        num_tokens = sum(qlens)
+        decode = num_tokens == nseq
+        graphs = self.graphs
+        num_rows = len(sample_rows)
+        bucket = 0
+        if decode and graphs is not None and nseq <= graphs.max_batch_size \
+                and num_rows <= 2 * graphs.max_batch_size:
+            bucket = graphs.bucket(nseq)
+        n = bucket or num_tokens  # rows of ids / positions / slots (graph rows padded)
+
+        # Token ids; a pending token (sampled last step, not read back yet) comes from the device.
         tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        max_blocks = 0
-        for s in sched.scheduled:
-            c, n = s.num_computed_tokens, s.num_new_tokens
-            tokens.extend(s.request.token_slice(c, c + n))
-            table = s.block_ids
-            for p in range(c, c + n):
-                slots.append(table[p // bs] * bs + p % bs)
-            positions.extend(range(c, c + n))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(c + n)
-            max_blocks = max(max_blocks, len(table))
-        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled]
+        dst: list[int] = []
+        src: list[int] = []
+        last_rows = self._last_rows
+        if decode:
+            for i, (r, c) in enumerate(zip(reqs, ctx)):
+                if c < r.num_tokens:
+                    tokens.append(r.token_id(c))
+                else:
+                    tokens.append(0)
+                    dst.append(i)
+                    src.append(last_rows[r.request_id])
+        else:
+            off = 0
+            for r, c, q in zip(reqs, ctx, qlens):
+                known = min(c + q, r.num_tokens)
+                if known > c:
+                    tokens.extend(r.token_slice(c, known))
+                for p in range(known, c + q):
+                    tokens.append(0)
+                    dst.append(off + p - c)
+                    src.append(last_rows[r.request_id])
+                off += q
+        npend = len(dst)
+        identity_rows = decode and num_rows == nseq  # every sequence samples its one token
+        n64 = 3 * n + 2 * npend + (0 if identity_rows else num_rows)
+        if bucket and n64 > graphs.i64.numel():  # too many extra rows for the static buffer
+            bucket, n = 0, num_tokens
+            n64 = 3 * n + 2 * npend + (0 if identity_rows else num_rows)
+
+        tables = [s.block_ids for s in sch]
+        max_blocks = max(len(t) for t in tables)
+        n32 = (bucket if bucket else 2 * nseq + 1) + nseq * max_blocks
+        t64, t32 = self._staging.take(n64, n32)
+        h64, h32 = t64.numpy(), t32.numpy()
+
+        ctx_np = np.array(ctx, dtype=np.int64)
+        if decode:
+            positions = ctx_np
+            rows = np.arange(nseq)
+        else:
+            q_np = np.array(qlens, dtype=np.int64)
+            starts = np.cumsum(q_np) - q_np
+            rows = np.repeat(np.arange(nseq), q_np)
+            positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(ctx_np - starts, q_np)
+        seq_lens = ctx_np + (1 if decode else q_np)
+
+        if bucket:
+            h32[:nseq] = seq_lens
+            h32[nseq:bucket] = 0
+            bt = h32[bucket:].reshape(nseq, max_blocks)
+        else:
+            h32[0] = 0
+            np.cumsum(q_np if not decode else np.ones(nseq, np.int64), out=h32[1:nseq + 1])
+            h32[nseq + 1:2 * nseq + 1] = seq_lens
+            bt = h32[2 * nseq + 1:].reshape(nseq, max_blocks)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t
+            bt[i, len(t):] = 0
+
+        h64[:num_tokens] = tokens
+        h64[n:n + num_tokens] = positions
+        h64[2 * n:2 * n + num_tokens] = bt[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        if n > num_tokens:
+            h64[num_tokens:n] = 0
+            h64[n + num_tokens:2 * n] = 0
+            h64[2 * n + num_tokens:3 * n] = -1
+        o = 3 * n
+        if npend:
+            h64[o:o + npend] = dst
+            h64[o + npend:o + 2 * npend] = src
+        if not identity_rows:
+            h64[o + 2 * npend:o + 2 * npend + num_rows] = sample_rows
+
         dev = self.device
-        meta = AttentionMetadata(
-            num_tokens=len(tokens),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_new_tokens for s in sched.scheduled),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
-        return (torch.tensor(tokens, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+        cuda = dev.type == "cuda"
+        if bucket:
+            d64 = graphs.i64
+            d64[:n64].copy_(t64, non_blocking=True)
+            graphs.seq_lens[:bucket].copy_(t32[:bucket], non_blocking=True)
+            graphs.block_tables[:nseq, :max_blocks].copy_(
+                t32[bucket:].view(nseq, max_blocks), non_blocking=True)
+            meta = None
+        else:
+            if cuda:
+                d64 = torch.empty(n64, dtype=torch.int64, device=dev)
+                d64.copy_(t64, non_blocking=True)
+                d32 = torch.empty(n32, dtype=torch.int32, device=dev)
+                d32.copy_(t32, non_blocking=True)
+            else:  # the staging arrays are the inputs (copied: the next step reuses them)
+                d64, d32 = t64.clone(), t32.clone()
+            qsl_cpu = h32[:nseq + 1].tolist()
+            seq_cpu = seq_lens.tolist()
+            meta = AttentionMetadata(
+                num_tokens=num_tokens, query_start_loc=d32[:nseq + 1],
+                seq_lens=d32[nseq + 1:2 * nseq + 1], slot_mapping=d64[2 * n:3 * n],
+                block_tables=d32[2 * nseq + 1:].view(nseq, max_blocks),
+                max_query_len=max(qlens), max_seq_len=max(seq_cpu), block_size=bs,
+                query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
+        self._staging.copied()
+
+        input_ids = d64[:n]
+        if npend:
+            prev = self._last_sampled
+            input_ids.index_copy_(0, d64[o:o + npend], prev.index_select(0, d64[o + npend:o + 2 * npend]))
+        sample_idx = None if identity_rows else d64[o + 2 * npend:o + 2 * npend + num_rows]
+        return _Inputs(input_ids, d64[n:2 * n], meta, bucket, sample_idx)
 
     # ---------------------------------------------------------------- execute
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: forward, logits where needed, sampling."""
-        out = ModelRunnerOutput()
-        if sched.is_empty:
-            return out
-        if sched.block_copies:
-            src = torch.tensor([a for a, _ in sched.block_copies], device=self.device)
-            dst = torch.tensor([b for _, b in sched.block_copies], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        input_ids, positions, meta = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        """Run one step and wait for its results."""
+        return self.launch(sched).result()
 
-        sample_idx: list[int] = []
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queue one step (forward, logits where needed, sampling, copies to host)."""
+        if sched.is_empty:
+            return StepHandle([], None, None, [], [], _out=ModelRunnerOutput())
+        if sched.block_copies:
+            src = self._to_device([a for a, _ in sched.block_copies])
+            dst = self._to_device([b for _, b in sched.block_copies])
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+        sample_rows: list[int] = []
         rows: list[SamplingRow] = []
         row_reqs: list[str] = []
+        plain = True
         prompt_lp: list[tuple[Any, int, int, int, int]] = []  # (request, computed, flat start, count, k)
-        for i, s in enumerate(sched.scheduled):
+        start = 0
+        for s in sched.scheduled:
             req = s.request
-            start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
+            end = start + s.num_new_tokens
             sp = req.sampling_params
             if sp.prompt_logprobs is not None:
                 # Logits at position p score prompt token p + 1.
@@ -143,33 +371,47 @@ class ModelRunner:
             if s.samples:
                 # A request about to fork (parallel sampling) samples every child's
                 # first token from the same logits.
-                for r in (req, *req.fork_children):
+                for r in (req, *req.fork_children) if req.fork_children else (req,):
                     rsp = r.sampling_params
-                    sample_idx.append(end - 1)
+                    sample_rows.append(end - 1)
+                    plain = plain and _plain_greedy(rsp)
                     rows.append(SamplingRow(rsp, r.prompt_token_ids, r.output_token_ids,
                                             self._generator(r.request_id, rsp.seed)))
                     row_reqs.append(r.request_id)
+            start = end
 
+        inp = self._prepare(sched, sample_rows)
+        if inp.graph_bucket:
+            hidden = self.graphs.replay(inp.graph_bucket)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+
+        handle = StepHandle(row_reqs, None, None, [], [])
         if rows:
-            logits = self.model.compute_logits(hidden[sample_idx]).float()
-            smeta = SamplingMetadata.build(rows, self.vocab_size, self.device)
-            res = self.sampler(logits, smeta)
-            sampled = res.sampled_token_ids.tolist()
-            for r, rid in enumerate(row_reqs):
-                out.sampled[rid] = sampled[r]
-            lp = res.logprobs
-            if lp is not None:
-                ids_l, lps_l, ranks_l = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
-                for r, rid in enumerate(row_reqs):
-                    k = rows[r].params.logprobs
-                    if k is not None:
-                        out.logprobs[rid] = (ids_l[r][:k + 1], lps_l[r][:k + 1], ranks_l[r])
+            h = hidden[:len(rows)] if inp.sample_idx is None else hidden.index_select(0, inp.sample_idx)
+            logits = self.model.compute_logits(h).float()
+            if plain:
+                sampled = logits.argmax(dim=-1)
+            else:
+                res = self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
+                sampled = res.sampled_token_ids
+                lp = res.logprobs
+                if lp is not None:
+                    handle.logprobs = (self._to_host(lp.token_ids), self._to_host(lp.logprobs),
+                                       self._to_host(lp.ranks))
+                    handle.logprob_ks = [r.params.logprobs for r in rows]
+            self._last_sampled = sampled
+            self._last_rows = {rid: i for i, rid in enumerate(row_reqs)}
+            handle.sampled = self._to_host(sampled)
 
-        for req, c, start, cnt, k in prompt_lp:
-            logits = self.model.compute_logits(hidden[start:start + cnt]).float()
-            targets = torch.tensor(req.prompt_token_ids[c + 1:c + 1 + cnt], device=self.device)
+        for req, c, st, cnt, k in prompt_lp:
+            logits = self.model.compute_logits(hidden[st:st + cnt]).float()
+            targets = self._to_device(req.prompt_token_ids[c + 1:c + 1 + cnt])
             t = compute_logprobs_tensors(logits, targets, k)
-            ids_l, lps_l, ranks_l = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
-            out.prompt_logprobs[req.request_id] = [(ids_l[j][:k + 1], lps_l[j][:k + 1], ranks_l[j])
-                                        for j in range(cnt)]
-        return out
+            handle.prompt_logprobs.append(
+                (req.request_id, (self._to_host(t.token_ids), self._to_host(t.logprobs),
+                                  self._to_host(t.ranks)), cnt, k))
+        if self.device.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        return handle

@@ -1,0 +1,156 @@
+"""Triton rotary position embedding (neox style), optionally fused with per-head RMSNorm.
+
+`apply_rotary` rotates q `[T, Hq, D]` and k `[T, Hkv, D]` IN PLACE in one
+launch: one program per token handles all of its q and k heads. cos/sin are
+computed in the kernel in float32 from the token's position and `inv_freq`
+(`freq = float(pos) * inv_freq[i]`, as HF computes it), so there is no cos/sin
+cache and no position limit. With a norm weight (Qwen3's q_norm/k_norm), each
+head is first RMS-normalized over D with HF's numerics (normalized in float32,
+rounded to the dtype, times the weight, rounded again), then rotated.
+
+The rotation `out[:D/2] = x1*cos - x2*sin, out[D/2:] = x2*cos + x1*sin` runs in
+float32 and is rounded once (HF rounds cos/sin and each product to the model
+dtype; the difference is within that dtype's rounding). On the GPU, cos/sin
+come from libdevice (`__nv_cosf`/`__nv_sinf`: a couple of ulps at any
+argument, full range reduction); the interpreter uses numpy's. No host sync:
+the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Elements of one half-tile (heads x D/2) a program holds per loop step.
+_TILE_ELEMS = 2048
+
+
+@triton.jit
+def _norm_rotate_heads(base_ptr, stride_h, w_ptr, cos, sin, offs_d, d_mask, eps,
+                       NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                       HAS_NORM: tl.constexpr):
+    """Normalize (optionally) and rotate the `NUM_HEADS` heads at `base_ptr`, in place."""
+    dtype = base_ptr.dtype.element_ty
+    if HAS_NORM:
+        w1 = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    for h0 in range(0, NUM_HEADS, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h < NUM_HEADS)[:, None] & d_mask[None, :]
+        p1 = base_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            mean_sq = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+            r = tl.math.rsqrt(mean_sq + eps)[:, None]
+            x1 = ((x1 * r).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
+            x2 = ((x2 * r).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
+        o1 = x1 * cos[None, :] - x2 * sin[None, :]
+        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        tl.store(p1, o1.to(dtype), mask=mask)
+        tl.store(p1 + HALF, o2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    eps,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+    Q_NORM: tl.constexpr, K_NORM: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    pos = tl.load(pos_ptr + t).to(tl.float32)
+    freq = pos * tl.load(inv_freq_ptr + offs_d, mask=d_mask, other=0.0)
+    if USE_LIBDEVICE:
+        cos = libdevice.cos(freq)
+        sin = libdevice.sin(freq)
+    else:
+        cos = tl.cos(freq)
+        sin = tl.sin(freq)
+    _norm_rotate_heads(q_ptr + t * stride_qt, stride_qh, qw_ptr, cos, sin, offs_d, d_mask, eps,
+                       NUM_Q_HEADS, HALF, BLOCK_QH, Q_NORM)
+    _norm_rotate_heads(k_ptr + t * stride_kt, stride_kh, kw_ptr, cos, sin, offs_d, d_mask, eps,
+                       NUM_KV_HEADS, HALF, BLOCK_KH, K_NORM)
+
+
+def _head_block(num_heads: int, block_half: int) -> int:
+    return max(1, min(triton.next_power_of_2(num_heads), _TILE_ELEMS // block_half))
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 inv_freq: torch.Tensor, q_norm_weight: Optional[torch.Tensor] = None,
+                 k_norm_weight: Optional[torch.Tensor] = None,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q `[T, Hq, D]` and k `[T, Hkv, D]` IN PLACE by `positions` `[T]`; returns (q, k).
+
+    q and k may be strided views (e.g. of a fused QKV output); only their last
+    dim must be contiguous. `inv_freq`: `[D/2]` float32. `q_norm_weight` /
+    `k_norm_weight` (`[D]`): per-head RMSNorm (epsilon `eps`) before rotating.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == (num_tokens, num_kv_heads, head_dim), (q.shape, k.shape)
+    assert q.dtype == k.dtype, (q.dtype, k.dtype)
+    assert q.stride(2) == 1 and k.stride(2) == 1, "the head dim must be contiguous"
+    assert head_dim % 2 == 0, f"head_dim must be even, got {head_dim}"
+    half = head_dim // 2
+    assert positions.shape[0] >= num_tokens, (positions.shape, num_tokens)
+    assert inv_freq.shape == (half,) and inv_freq.dtype == torch.float32, inv_freq.shape
+    for w in (q_norm_weight, k_norm_weight):
+        assert w is None or (w.shape == (head_dim,) and w.stride(0) == 1), "norm weight must be [D]"
+    if num_tokens == 0:
+        return q, k
+    if positions.stride(0) != 1:
+        positions = positions.contiguous()
+    inv_freq = inv_freq.contiguous()
+    block_half = triton.next_power_of_2(half)
+    block_qh = _head_block(num_q_heads, block_half)
+    block_kh = _head_block(num_kv_heads, block_half)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type != "cuda"
+    _rotary_kernel[(num_tokens,)](
+        q, k, positions, inv_freq,
+        q_norm_weight if q_norm_weight is not None else inv_freq,
+        k_norm_weight if k_norm_weight is not None else inv_freq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        float(eps),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_QH=block_qh, BLOCK_KH=block_kh,
+        Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
+        USE_LIBDEVICE=not interpret,
+        num_warps=4 if block_qh * block_half >= 1024 else 2,
+    )
+    return q, k
+
+
+def _rms_norm_heads_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * y.to(x.dtype)).to(x.dtype)
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     inv_freq: torch.Tensor, q_norm_weight: Optional[torch.Tensor] = None,
+                     k_norm_weight: Optional[torch.Tensor] = None,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `apply_rotary` with the kernel's numerics; returns NEW (q, k), inputs untouched."""
+    num_tokens = q.shape[0]
+    freqs = positions[:num_tokens].to(torch.float32)[:, None] * inv_freq.float()[None, :]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+    def rotate(x: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+        if w is not None:
+            x = _rms_norm_heads_ref(x, w, eps)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q, q_norm_weight), rotate(k, k_norm_weight)

@@ -1,0 +1,71 @@
+"""The decode-graph input path (static buffers, padded bucket rows, pending
+tokens gathered on the device) computes what the eager path computes.
+
+CUDA graphs cannot be captured on a CPU, so here a `DecodeGraphs` whose
+"replay" runs the model eagerly on the static buffers stands in for the
+captured graphs; the Triton attention backend runs under the interpreter,
+as on the GPU it would read the static buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from paged_backend import LLM, SamplingParams  # noqa: E402
+from paged_backend.runner.cuda_graphs import DecodeGraphs, batch_size_buckets  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU")
+
+
+class EagerGraphs(DecodeGraphs):
+    """Static buffers and buckets as captured graphs have; replay runs the model eagerly."""
+
+    replays: int = 0
+
+    def capture(self) -> None:
+        pass
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        self.replays += 1
+        ids, pos, meta = self._views(bucket)
+        return self.model(ids, pos, self.kv_caches, meta)
+
+
+def test_buckets():
+    assert batch_size_buckets(1) == [1]
+    assert batch_size_buckets(20) == [1, 2, 4, 8, 16, 20]
+    b = batch_size_buckets(256)
+    assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 256 and all(x % 16 == 0 for x in b[4:])
+
+
+@cpu_only
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_inputs_match_eager(tmp_path, monkeypatch, overlap):
+    make_tiny_checkpoint("qwen3", str(tmp_path))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(200) for _ in range(rng.randint(3, 20))] for _ in range(5)]
+    params = [SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True) for i in range(5)]
+    args = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+                num_kv_blocks=64, max_model_len=64)
+    ref = LLM(str(tmp_path), **args).generate([{"prompt_token_ids": p} for p in prompts],
+                                              params, use_tqdm=False)
+    monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
+    llm = LLM(str(tmp_path), **args)
+    runner = llm.llm_engine.runner
+    runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=8,
+                                max_blocks_per_seq=16, block_size=4, max_model_len=64,
+                                num_kv_heads=runner.num_kv_heads, device=runner.device)
+    llm.llm_engine.overlap = overlap
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert runner.graphs.replays > 0
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
