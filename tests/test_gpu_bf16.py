@@ -41,7 +41,7 @@ DECODE_TOKENS = 16
 # the tolerance is twice that. fp16 keeps 11 bits: measured at most 0.006, tolerance 0.02.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 0.125, torch.float16: 0.02}
 TOP1_MIN = 0.95
-GREEDY_MIN = 0.90
+GREEDY_MIN = 0.80  # the rest must be near-ties (checked below): bf16 ties are common on tiny random models
 
 
 def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:

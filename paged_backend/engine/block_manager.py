@@ -168,6 +168,12 @@ class BlockManager:
         holding blocks) are shared, not copied. Returns False, changing
         nothing, when the free list is too short.
         """
+        if not computed_blocks and num_new_tokens == 1:
+            # Decode fast path: the token's slot is in a block this request owns alone.
+            table = self._req_blocks.get(request.request_id)
+            i = request.num_computed_tokens // self.block_size
+            if table and i < len(table) and self.blocks[table[i]].ref_cnt == 1:
+                return True
         if not self.can_allocate(request, num_new_tokens, computed_blocks):
             return False
         table = self._req_blocks.setdefault(request.request_id, [])

@@ -296,6 +296,8 @@ class LLMEngine:
             for r in family:
                 self._append_token(self._seqs[r.request_id], res.sampled[r.request_id],
                                    res.logprobs.get(r.request_id))
+            if parent.params.output_kind is RequestOutputKind.FINAL_ONLY and not parent.finished:
+                continue  # nothing to report until it ends
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():

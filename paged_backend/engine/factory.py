@@ -196,6 +196,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     runner = ModelRunner(model, num_layers=num_layers, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, num_blocks=num_blocks, block_size=cfg.block_size,
                          vocab_size=vocab_size, device=device, dtype=dtype, seed=cfg.seed)
+    if device.type == "cuda":
+        runner.warm_up_kernels(max_model_len)
     if device.type == "cuda" and not cfg.enforce_eager and getattr(backend, "graph_capturable", False):
         runner.capture_decode_graphs(min(cfg.max_num_seqs, _MAX_GRAPH_BATCH), max_model_len)
     bm = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)

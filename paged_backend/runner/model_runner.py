@@ -85,6 +85,10 @@ class StepHandle:
         return out
 
 
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
 def _plain_greedy(p) -> bool:
     """A row the sampler would reduce to argmax: greedy, no logprobs, no logits processing."""
     return (p.temperature < 1e-5 and p.logprobs is None and not p.logit_bias
@@ -183,6 +187,34 @@ class ModelRunner:
             max_model_len=max_model_len, num_kv_heads=self.num_kv_heads, device=self.device)
         self.graphs.capture()
 
+    @torch.inference_mode()
+    def warm_up_kernels(self, max_model_len: int) -> None:
+        """Compile the eager path's kernel variants now rather than in the middle of a run.
+
+        One forward per extend-kernel tile configuration (new tokens 2..64 after a short
+        cached prefix) and the decode kernel with and without splits. Slots are -1, so
+        nothing is written to the KV cache; the outputs are discarded.
+        """
+        dev = self.device
+        bs = self.block_size
+        for q, ctx in [(2, 16), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (1, 16),
+                       (1, min(max_model_len, 2048))]:
+            seq = ctx + q - 1 if q == 1 else ctx + q
+            seq = min(seq, max_model_len)
+            q = min(q, seq)
+            nb = _round16(-(-seq // bs))
+            meta = AttentionMetadata(
+                num_tokens=q, query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([seq], dtype=torch.int32, device=dev),
+                slot_mapping=torch.full((q,), -1, dtype=torch.int64, device=dev),
+                block_tables=torch.zeros((1, nb), dtype=torch.int32, device=dev),
+                max_query_len=q, max_seq_len=seq, block_size=bs,
+                query_start_loc_cpu=[0, q], seq_lens_cpu=[seq])
+            positions = torch.arange(seq - q, seq, dtype=torch.int64, device=dev)
+            self.model(torch.zeros(q, dtype=torch.int64, device=dev), positions, self.kv_caches, meta)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def free_request(self, request_id: str) -> None:
         """Forget a finished request's generator."""
         self._generators.pop(request_id, None)
@@ -254,14 +286,24 @@ class ModelRunner:
                 off += q
         npend = len(dst)
         identity_rows = decode and num_rows == nseq  # every sequence samples its one token
-        n64 = 3 * n + 2 * npend + (0 if identity_rows else num_rows)
-        if bucket and n64 > graphs.i64.numel():  # too many extra rows for the static buffer
+        extra = 2 * npend + (0 if identity_rows else num_rows)
+        if bucket and 3 * bucket + extra > graphs.i64.numel():  # no room in the static buffer
             bucket, n = 0, num_tokens
-            n64 = 3 * n + 2 * npend + (0 if identity_rows else num_rows)
+        # Section starts are multiples of 16 elements in the eager layout: Triton specializes
+        # kernels on pointer alignment and on integer arguments divisible by 16, so a layout
+        # that moved with the batch size would compile new kernel variants mid-run.
+        w = bucket or _round16(n)
+        n64 = 3 * w + extra
 
         tables = [s.block_ids for s in sch]
         max_blocks = max(len(t) for t in tables)
-        n32 = (bucket if bucket else 2 * nseq + 1) + nseq * max_blocks
+        if bucket:
+            s_seq, s_bt = 0, bucket
+        else:
+            max_blocks = _round16(max_blocks)
+            s_seq = _round16(nseq + 1)
+            s_bt = s_seq + _round16(nseq)
+        n32 = s_bt + nseq * max_blocks
         t64, t32 = self._staging.take(n64, n32)
         h64, h32 = t64.numpy(), t32.numpy()
 
@@ -269,34 +311,34 @@ class ModelRunner:
         if decode:
             positions = ctx_np
             rows = np.arange(nseq)
+            seq_lens = ctx_np + 1
         else:
             q_np = np.array(qlens, dtype=np.int64)
             starts = np.cumsum(q_np) - q_np
             rows = np.repeat(np.arange(nseq), q_np)
             positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(ctx_np - starts, q_np)
-        seq_lens = ctx_np + (1 if decode else q_np)
+            seq_lens = ctx_np + q_np
 
         if bucket:
             h32[:nseq] = seq_lens
             h32[nseq:bucket] = 0
-            bt = h32[bucket:].reshape(nseq, max_blocks)
         else:
             h32[0] = 0
             np.cumsum(q_np if not decode else np.ones(nseq, np.int64), out=h32[1:nseq + 1])
-            h32[nseq + 1:2 * nseq + 1] = seq_lens
-            bt = h32[2 * nseq + 1:].reshape(nseq, max_blocks)
+            h32[s_seq:s_seq + nseq] = seq_lens
+        bt = h32[s_bt:].reshape(nseq, max_blocks)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
             bt[i, len(t):] = 0
 
         h64[:num_tokens] = tokens
-        h64[n:n + num_tokens] = positions
-        h64[2 * n:2 * n + num_tokens] = bt[rows, positions // bs].astype(np.int64) * bs + positions % bs
-        if n > num_tokens:
+        h64[w:w + num_tokens] = positions
+        h64[2 * w:2 * w + num_tokens] = bt[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        if n > num_tokens:  # graph padding rows
             h64[num_tokens:n] = 0
-            h64[n + num_tokens:2 * n] = 0
-            h64[2 * n + num_tokens:3 * n] = -1
-        o = 3 * n
+            h64[w + num_tokens:w + n] = 0
+            h64[2 * w + num_tokens:2 * w + n] = -1
+        o = 3 * w
         if npend:
             h64[o:o + npend] = dst
             h64[o + npend:o + 2 * npend] = src
@@ -310,7 +352,7 @@ class ModelRunner:
             d64[:n64].copy_(t64, non_blocking=True)
             graphs.seq_lens[:bucket].copy_(t32[:bucket], non_blocking=True)
             graphs.block_tables[:nseq, :max_blocks].copy_(
-                t32[bucket:].view(nseq, max_blocks), non_blocking=True)
+                t32[s_bt:].view(nseq, max_blocks), non_blocking=True)
             meta = None
         else:
             if cuda:
@@ -324,8 +366,8 @@ class ModelRunner:
             seq_cpu = seq_lens.tolist()
             meta = AttentionMetadata(
                 num_tokens=num_tokens, query_start_loc=d32[:nseq + 1],
-                seq_lens=d32[nseq + 1:2 * nseq + 1], slot_mapping=d64[2 * n:3 * n],
-                block_tables=d32[2 * nseq + 1:].view(nseq, max_blocks),
+                seq_lens=d32[s_seq:s_seq + nseq], slot_mapping=d64[2 * w:2 * w + n],
+                block_tables=d32[s_bt:].view(nseq, max_blocks),
                 max_query_len=max(qlens), max_seq_len=max(seq_cpu), block_size=bs,
                 query_start_loc_cpu=qsl_cpu, seq_lens_cpu=seq_cpu)
         self._staging.copied()
@@ -335,7 +377,7 @@ class ModelRunner:
             prev = self._last_sampled
             input_ids.index_copy_(0, d64[o:o + npend], prev.index_select(0, d64[o + npend:o + 2 * npend]))
         sample_idx = None if identity_rows else d64[o + 2 * npend:o + 2 * npend + num_rows]
-        return _Inputs(input_ids, d64[n:2 * n], meta, bucket, sample_idx)
+        return _Inputs(input_ids, d64[w:w + n], meta, bucket, sample_idx)
 
     # ---------------------------------------------------------------- execute
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
