@@ -189,9 +189,11 @@ class LlamaForCausalLM(torch.nn.Module):
         """Hidden states `[T, hidden]` of the new tokens (K/V written to `kv_caches`)."""
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits `[N, vocab]` of hidden states `[N, hidden]`."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits `[N, vocab]` of hidden states `[N, hidden]`: float32, or the model dtype
+        with `upcast=False` (enough for an argmax: the cast to float32 is exact)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def _map_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         if "rotary_emb.inv_freq" in name:

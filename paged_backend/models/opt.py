@@ -142,9 +142,11 @@ class OPTForCausalLM(torch.nn.Module):
         """Hidden states `[T, word_embed_proj_dim]` of the new tokens."""
         return self.model.decoder(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits `[N, vocab]`."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits `[N, vocab]` of hidden states `[N, hidden]`: float32, or the model dtype
+        with `upcast=False` (enough for an argmax: the cast to float32 is exact)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits
 
     def _map_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         # Original facebook/opt checkpoints name the decoder "decoder.*", not "model.decoder.*".

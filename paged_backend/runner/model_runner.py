@@ -431,10 +431,10 @@ class ModelRunner:
         handle = StepHandle(row_reqs, None, None, [], [])
         if rows:
             h = hidden[:len(rows)] if inp.sample_idx is None else hidden.index_select(0, inp.sample_idx)
-            logits = self.model.compute_logits(h).float()
-            if plain:
-                sampled = logits.argmax(dim=-1)
+            if plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
+                sampled = self.model.compute_logits(h, upcast=False).argmax(dim=-1)
             else:
+                logits = self.model.compute_logits(h)
                 res = self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
                 sampled = res.sampled_token_ids
                 lp = res.logprobs
@@ -447,7 +447,7 @@ class ModelRunner:
             handle.sampled = self._to_host(sampled)
 
         for req, c, st, cnt, k in prompt_lp:
-            logits = self.model.compute_logits(hidden[st:st + cnt]).float()
+            logits = self.model.compute_logits(hidden[st:st + cnt])
             targets = self._to_device(req.prompt_token_ids[c + 1:c + 1 + cnt])
             t = compute_logprobs_tensors(logits, targets, k)
             handle.prompt_logprobs.append(
