@@ -125,3 +125,37 @@ def test_overlap_abort_midway_frees_blocks(ckpt):
     assert all(len(o.outputs[0].token_ids) == 30 for o in finished.values())
     eng.step()  # reads back the last launched step, if any
     check_clean(llm)
+
+
+def test_reused_request_id_gets_none_of_the_old_tokens(ckpt):
+    p = prompts(1, seed=4)[0]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = make_llm(ckpt, False).generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
+    llm = make_llm(ckpt, True)
+    eng = llm.llm_engine
+    eng.add_request("a", {"prompt_token_ids": p}, sp)
+    for _ in range(3):
+        eng.step()
+    eng.abort_request("a")  # a step with "a" in it is still in flight
+    eng.add_request("a", {"prompt_token_ids": p}, sp)
+    final = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                final = o
+    assert final.outputs[0].token_ids == ref[0].outputs[0].token_ids
+    eng.step()
+    check_clean(llm)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fork_rows_with_one_token_chunks(ckpt, overlap):
+    # A one-token prompt that forks (two sample rows) next to a one-token chunk that samples
+    # nothing: as many rows as sequences, but not row i = sequence i.
+    reqs = [{"prompt_token_ids": [7]}, {"prompt_token_ids": [3, 9, 11, 5, 8]}]
+    sp = [SamplingParams(temperature=0.7, n=2, seed=5, max_tokens=4),
+          SamplingParams(temperature=0, max_tokens=4)]
+    ref = make_llm(ckpt, False, max_num_batched_tokens=32).generate(reqs, sp, use_tqdm=False)
+    got = make_llm(ckpt, overlap, max_num_batched_tokens=2).generate(reqs, sp, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in got] == \
+           [[c.token_ids for c in o.outputs] for o in ref]

@@ -246,7 +246,11 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         cur = None
         if not sched.is_empty:
-            cur = (sched, self.runner.launch(sched))
+            try:
+                cur = (sched, self.runner.launch(sched))
+            except BaseException:
+                self._inflight = prev  # its results are still read by the next call
+                raise
             for s in sched.scheduled:
                 if s.samples:
                     s.request.num_pending += 1
@@ -278,8 +282,8 @@ class LLMEngine:
                     self.beam_logprobs[req.request_id] = res.logprobs[req.request_id]
                 continue
             seq = self._seqs.get(req.request_id)
-            if seq is None:
-                continue
+            if seq is None or seq.request is not req:
+                continue  # finished or aborted while the step ran (its id may be reused)
             parent = self._parents[seq.parent_id]
             plp = res.prompt_logprobs.get(req.request_id)
             if plp is not None and parent.prompt_logprobs is not None:

@@ -20,11 +20,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
 
     @property
-    def num_tokens_with_pending(self) -> int:
-        """Known tokens plus the one sampled on the device and not read back yet."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
-
-    @property
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 

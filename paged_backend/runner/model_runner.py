@@ -285,7 +285,8 @@ class ModelRunner:
                     src.append(last_rows[r.request_id])
                 off += q
         npend = len(dst)
-        identity_rows = decode and num_rows == nseq  # every sequence samples its one token
+        # Row i samples at token i for every i (no fork rows, no chunk that samples nothing).
+        identity_rows = decode and num_rows == nseq and sample_rows == list(range(nseq))
         extra = 2 * npend + (0 if identity_rows else num_rows)
         if bucket and 3 * bucket + extra > graphs.i64.numel():  # no room in the static buffer
             bucket, n = 0, num_tokens
