@@ -1,7 +1,7 @@
 """Triton rotary position embedding (neox style), optionally fused with per-head RMSNorm.
 
 `apply_rotary` rotates q `[T, Hq, D]` and k `[T, Hkv, D]` IN PLACE in one
-launch: two programs per token, one for all of its q heads, one for its k heads. cos/sin are
+launch: one program per token handles all of its q and k heads. cos/sin are
 computed in the kernel in float32 from the token's position and `inv_freq`
 (`freq = float(pos) * inv_freq[i]`, as HF computes it), so there is no cos/sin
 cache and no position limit. With a norm weight (Qwen3's q_norm/k_norm), each
@@ -77,12 +77,10 @@ def _rotary_kernel(
     else:
         cos = tl.cos(freq)
         sin = tl.sin(freq)
-    if tl.program_id(1) == 0:
-        _norm_rotate_heads(q_ptr + t * stride_qt, stride_qh, qw_ptr, cos, sin, offs_d, d_mask,
-                           eps, NUM_Q_HEADS, HALF, BLOCK_QH, Q_NORM)
-    else:
-        _norm_rotate_heads(k_ptr + t * stride_kt, stride_kh, kw_ptr, cos, sin, offs_d, d_mask,
-                           eps, NUM_KV_HEADS, HALF, BLOCK_KH, K_NORM)
+    _norm_rotate_heads(q_ptr + t * stride_qt, stride_qh, qw_ptr, cos, sin, offs_d, d_mask, eps,
+                       NUM_Q_HEADS, HALF, BLOCK_QH, Q_NORM)
+    _norm_rotate_heads(k_ptr + t * stride_kt, stride_kh, kw_ptr, cos, sin, offs_d, d_mask, eps,
+                       NUM_KV_HEADS, HALF, BLOCK_KH, K_NORM)
 
 
 def _head_block(num_heads: int, block_half: int) -> int:
@@ -119,7 +117,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     block_qh = _head_block(num_q_heads, block_half)
     block_kh = _head_block(num_kv_heads, block_half)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type != "cuda"
-    _rotary_kernel[(num_tokens, 2)](
+    _rotary_kernel[(num_tokens,)](
         q, k, positions, inv_freq,
         q_norm_weight if q_norm_weight is not None else inv_freq,
         k_norm_weight if k_norm_weight is not None else inv_freq,
