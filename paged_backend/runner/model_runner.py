@@ -197,9 +197,9 @@ class ModelRunner:
         """
         dev = self.device
         bs = self.block_size
-        for q, ctx in [(2, 16), (4, 16), (8, 16), (16, 16), (32, 16), (64, 16), (1, 16),
-                       (1, min(max_model_len, 2048))]:
-            seq = ctx + q - 1 if q == 1 else ctx + q
+        # (new tokens, context including them)
+        for q, seq in [(2, 18), (4, 20), (8, 24), (16, 32), (32, 48), (64, 80), (1, 16),
+                       (1, 2048)]:
             seq = min(seq, max_model_len)
             q = min(q, seq)
             nb = _round16(-(-seq // bs))
@@ -242,6 +242,35 @@ class ModelRunner:
         return host
 
     # ----------------------------------------------------------------- inputs
+    def _token_ids(self, reqs: list, ctx: list[int], qlens: list[int],
+                   decode: bool) -> tuple[list[int], list[int], list[int]]:
+        """The step's token ids, and for each pending token (sampled by the last step, not
+        read back yet; a 0 stands in for it) its flat index and its row in that step's output."""
+        tokens: list[int] = []
+        dst: list[int] = []
+        src: list[int] = []
+        last_rows = self._last_rows
+        if decode:
+            for i, (r, c) in enumerate(zip(reqs, ctx)):
+                if c < r.num_tokens:
+                    tokens.append(r.token_id(c))
+                else:
+                    tokens.append(0)
+                    dst.append(i)
+                    src.append(last_rows[r.request_id])
+            return tokens, dst, src
+        off = 0
+        for r, c, q in zip(reqs, ctx, qlens):
+            known = min(c + q, r.num_tokens)
+            if known > c:
+                tokens.extend(r.token_slice(c, known))
+            for p in range(known, c + q):
+                tokens.append(0)
+                dst.append(off + p - c)
+                src.append(last_rows[r.request_id])
+            off += q
+        return tokens, dst, src
+
     def _prepare(self, sched: SchedulerOutput, sample_rows: list[int]) -> _Inputs:
         """Host arrays -> device tensors (two copies), or the graph's static buffers."""
         sch = sched.scheduled
@@ -255,35 +284,11 @@ class ModelRunner:
         graphs = self.graphs
         num_rows = len(sample_rows)
         bucket = 0
-        if decode and graphs is not None and nseq <= graphs.max_batch_size \
-                and num_rows <= 2 * graphs.max_batch_size:
+        if decode and graphs is not None and nseq <= graphs.max_batch_size:
             bucket = graphs.bucket(nseq)
         n = bucket or num_tokens  # rows of ids / positions / slots (graph rows padded)
 
-        # Token ids; a pending token (sampled last step, not read back yet) comes from the device.
-        tokens: list[int] = []
-        dst: list[int] = []
-        src: list[int] = []
-        last_rows = self._last_rows
-        if decode:
-            for i, (r, c) in enumerate(zip(reqs, ctx)):
-                if c < r.num_tokens:
-                    tokens.append(r.token_id(c))
-                else:
-                    tokens.append(0)
-                    dst.append(i)
-                    src.append(last_rows[r.request_id])
-        else:
-            off = 0
-            for r, c, q in zip(reqs, ctx, qlens):
-                known = min(c + q, r.num_tokens)
-                if known > c:
-                    tokens.extend(r.token_slice(c, known))
-                for p in range(known, c + q):
-                    tokens.append(0)
-                    dst.append(off + p - c)
-                    src.append(last_rows[r.request_id])
-                off += q
+        tokens, dst, src = self._token_ids(reqs, ctx, qlens, decode)
         npend = len(dst)
         # Row i samples at token i for every i (no fork rows, no chunk that samples nothing).
         identity_rows = decode and num_rows == nseq and sample_rows == list(range(nseq))
