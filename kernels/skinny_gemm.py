@@ -1,0 +1,309 @@
+"""Triton "skinny" GEMM for small batches: `y = prologue(x) @ weight.T (+ bias)`, M <= 64.
+
+Decode steps multiply a few token rows by a large weight, so the kernel is a
+weight stream: the grid runs over blocks of BLOCK_N output columns only (no
+split-K), every program reads its `[BLOCK_N, K]` slice of the weight once and
+all M input rows (tiny, served from L2). That leaves each program the whole
+K reduction in its fp32 accumulator, so the neighbouring elementwise work
+fuses for free:
+
+- prologue `norm_weight`: the input rows are RMSNorm'ed on the fly with HF's
+  LlamaRMSNorm numerics (fp32 sum of squares, `x * rsqrt(mean + eps)` rounded
+  to the dtype, times the weight, rounded again). Each program recomputes the
+  rows' sums of squares in a first pass over x, so no separate norm kernel
+  (and no normed copy of x) is needed.
+- prologue `silu_mul`: x is `[M, 2K]` = `[gate | up]`; the GEMM input is
+  `silu(gate) * up` in fp32, rounded to the dtype (kernels/activation.py).
+- epilogue: `+ bias` in fp32; with `add_to`, `add_to += y` in place, summed in
+  fp32 from the accumulator and rounded once (the unfused `F.linear` + add
+  rounds twice).
+
+Two inner products: for M <= 4 a broadcast-multiply-reduce on the CUDA cores
+(BLOCK_M = M rounded up to a power of two, BLOCK_N down to 4), else `tl.dot`
+on the tensor cores with BLOCK_M = max(16, next_pow2(M)). The K loop is a
+`tl.range(..., num_stages=...)`, which asks Triton to software-pipeline every
+load in it (not only the dot operands). Launch configs come from
+`skinny_gemm_config` (heuristic documented there) and can be overridden per
+call for tuning. No host syncs: launches are CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import silu_and_mul_ref
+from .rms_norm import rms_norm_ref
+
+MAX_M = 64
+# Broadcast-reduce up to this many rows by default; tl.dot above it.
+BROADCAST_MAX_M = 4
+# An override may run the broadcast path up to here (its registers grow with BLOCK_M).
+BROADCAST_LIMIT_M = 16
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when x is not on a CUDA device
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class SkinnyGemmConfig:
+    """Launch parameters of one skinny-GEMM call."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+@functools.lru_cache(maxsize=4096)
+def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = False,
+                       silu_mul: bool = False, num_sms: int = DEFAULT_NUM_SMS,
+                       use_dot: Optional[bool] = None) -> SkinnyGemmConfig:
+    """The default launch config for an `[m, k] @ [n, k].T` call (k = the GEMM's K).
+
+    `use_dot` forces the inner-product path (the broadcast path takes m <= 16); the rest of
+    the config then follows the same rules. Tuned for 16-bit dtypes; float32 works but its
+    larger tiles are not tuned (the tensor-core path then runs exact fp32 FMAs).
+
+    Heuristic (an H100 has 132 SMs and wants ~2 MB of loads in flight; register and shared
+    memory figures are from compiling for sm_90 with ptxas):
+    - path: broadcast-reduce for m <= 4, else `tl.dot` with BLOCK_M = max(16, next_pow2(m)).
+    - BLOCK_N: aim for >= 2 programs per SM, i.e. the largest power of two <= n / (2 * SMs),
+      clamped to [4, 32] (broadcast) or [16, 64] (dot; at least 32 when BLOCK_M = 64, since
+      every program re-reads all of x from L2: that traffic is M / BLOCK_N times the weight's).
+    - BLOCK_K: a weight tile of ~16 KB (BLOCK_N * BLOCK_K * elem_bytes), capped by registers
+      at 64 fp32 values per thread: broadcast BLOCK_M * BLOCK_N * BLOCK_K (the product), dot
+      BLOCK_M * BLOCK_K (the x tile), counted 2x with a norm and 4x with a SiLU prologue
+      (their fp32 temporaries spill otherwise), and by next_pow2(k); at least 16 (dot) or 32.
+    - num_warps 4; num_stages: the K loop's trip count, capped at 4 and by ~96 KB of shared
+      memory for the staged x and weight tiles (so two programs fit on an SM); 1 for a
+      single trip.
+    """
+    assert 1 <= m <= MAX_M, m
+    if use_dot is None:
+        use_dot = m > BROADCAST_MAX_M
+    assert use_dot or m <= BROADCAST_LIMIT_M, f"the broadcast path takes <= {BROADCAST_LIMIT_M} rows"
+    num_warps = 4
+    budget = 64 * 32 * num_warps  # fp32 values in registers
+    if use_dot:
+        block_m = max(16, triton.next_power_of_2(m))
+        lo, hi = (32 if block_m >= 64 else 16), 64
+    else:
+        block_m = triton.next_power_of_2(m)
+        lo, hi = 4, 32
+    block_n = _clamp(_pow2_floor(n // (2 * num_sms)), lo, hi)
+    block_k = 16384 // (block_n * elem_bytes)
+    if use_dot:
+        block_k = min(block_k, budget // (block_m * (4 if silu_mul else 2 if norm else 1)))
+    else:
+        block_k = min(block_k, budget // (block_m * block_n))
+    min_k = 16 if use_dot else 32
+    block_k = _clamp(_pow2_floor(block_k), min_k, max(min_k, triton.next_power_of_2(k)))
+    stage_bytes = (block_m * (2 if silu_mul else 1) + block_n) * block_k * elem_bytes
+    trips = triton.cdiv(k, block_k)
+    num_stages = 1 if trips == 1 else _clamp(min(trips, 98304 // stage_bytes), 2, 4)
+    return SkinnyGemmConfig(block_m, block_n, block_k, num_warps, num_stages, use_dot)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _load_a(x_rows, nw_ptr, ks, mask, rstd, K,
+            NORM: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
+    """The GEMM input tile `[BLOCK_M, BLOCK_K]` of columns `ks`, prologue applied, in x's dtype."""
+    dtype = x_rows.dtype.element_ty
+    ptrs = x_rows + ks[None, :]
+    if SILU_MUL:
+        gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        a = (gate * tl.sigmoid(gate) * up).to(dtype)
+    elif NORM:
+        xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        y = (xf * rstd[:, None]).to(dtype).to(tl.float32)
+        if EVEN_K:
+            nw = tl.load(nw_ptr + ks).to(tl.float32)
+        else:
+            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        a = (y * nw[None, :]).to(dtype)
+    else:
+        a = tl.load(ptrs, mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, nw_ptr, out_ptr,
+    M, N, K,
+    stride_x, stride_w, stride_o,
+    eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x  # [BLOCK_M, 1]
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w  # [BLOCK_N, 1]
+
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            ks = k0 + offs_k
+            if EVEN_K:
+                xm = mask_m[:, None]
+            else:
+                xm = mask_m[:, None] & (ks[None, :] < K)
+            xf = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
+        rstd = tl.math.rsqrt(sum_sq / K + eps)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = k0 + offs_k
+        if EVEN_K:
+            xm = mask_m[:, None]
+        else:
+            xm = mask_m[:, None] & (ks[None, :] < K)
+        a = _load_a(x_rows, nw_ptr, ks, xm, rstd, K, NORM, SILU_MUL, EVEN_K)
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_rows + ks[None, :])
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks[None, :] < K), other=0.0)
+        if USE_DOT:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _check_vector(v: torch.Tensor, n: int, name: str) -> None:
+    assert v.dim() == 1 and v.shape[0] == n and v.stride(0) == 1, f"{name} must be [{n}] contiguous"
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                silu_mul: bool = False, add_to: Optional[torch.Tensor] = None,
+                block_n: Optional[int] = None, block_k: Optional[int] = None,
+                num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                use_dot: Optional[bool] = None) -> torch.Tensor:
+    """`prologue(x) @ weight.T (+ bias)` for x `[M, K_in]`, M <= 64, weight `[N, K]`.
+
+    x (any row stride, contiguous last dim) and weight (contiguous last dim) share one
+    dtype of bfloat16 / float16 / float32; bias `[N]` and norm_weight `[K]` are contiguous.
+    Prologue: with `norm_weight`, x `[M, K]` is RMSNorm'ed first (HF LlamaRMSNorm numerics,
+    `eps`); with `silu_mul=True`, x is `[M, 2K]` = `[gate | up]` and the input is
+    `silu(gate) * up` (fp32, rounded to the dtype). At most one of the two.
+    Epilogue: with `add_to` (`[M, N]`, x's dtype, contiguous), `add_to += y` IN PLACE,
+    summed in fp32 and rounded once, and `add_to` is returned; else a new `[M, N]` tensor.
+    `block_n`, `block_k`, `num_warps`, `num_stages`, `use_dot` override the defaults of
+    `skinny_gemm_config` (for tuning).
+    """
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K_in] with a contiguous last dim"
+    assert weight.dim() == 2 and weight.stride(1) == 1, "weight must be [N, K], row-major"
+    assert x.dtype in _DTYPES and weight.dtype == x.dtype, (x.dtype, weight.dtype)
+    assert not (silu_mul and norm_weight is not None), "norm_weight and silu_mul exclude each other"
+    m, k_in = x.shape
+    n, k = weight.shape
+    assert m <= MAX_M, f"skinny_gemm takes at most {MAX_M} rows, got {m}"
+    assert k_in == (2 * k if silu_mul else k), f"x has {k_in} columns for a weight of K={k}"
+    if bias is not None:
+        _check_vector(bias, n, "bias")
+    if norm_weight is not None:
+        _check_vector(norm_weight, k, "norm_weight")
+    if add_to is not None:
+        assert add_to.shape == (m, n) and add_to.dtype == x.dtype and add_to.is_contiguous(), (
+            "add_to must be a contiguous [M, N] tensor of x's dtype")
+        assert add_to.data_ptr() != x.data_ptr(), "add_to must not alias x"
+        out = add_to
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        # An empty reduction: y is the bias (or zero), like F.linear.
+        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        if bias is not None:
+            y += bias.float()
+        if add_to is not None:
+            y += add_to.float()
+        return out.copy_(y)
+
+    cfg = skinny_gemm_config(m, n, k, x.element_size(), norm=norm_weight is not None,
+                             silu_mul=silu_mul, num_sms=_num_sms(x.device), use_dot=use_dot)
+    cfg = replace(cfg, block_n=block_n or cfg.block_n, block_k=block_k or cfg.block_k,
+                  num_warps=num_warps or cfg.num_warps,
+                  num_stages=cfg.num_stages if num_stages is None else num_stages)
+    if cfg.use_dot:
+        assert cfg.block_n >= 16 and cfg.block_k >= 16, "tl.dot needs BLOCK_N, BLOCK_K >= 16"
+
+    dummy = weight  # stands in for absent optional pointers (never read)
+    _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, bias if bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, out,
+        m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        float(eps),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NUM_STAGES=cfg.num_stages, USE_DOT=cfg.use_dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul,
+        ACCUMULATE=add_to is not None,
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def skinny_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                    norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                    silu_mul: bool = False, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain-torch `skinny_gemm` with the kernel's numerics (any M).
+
+    The prologue is `rms_norm_ref` / `silu_and_mul_ref` (rounded to the dtype); the product,
+    bias and `add_to` sum are float32, rounded once. Like the kernel, `add_to` is updated
+    in place and returned.
+    """
+    a = x
+    if norm_weight is not None:
+        a = rms_norm_ref(x, norm_weight, eps)
+    elif silu_mul:
+        a = silu_and_mul_ref(x)
+    y = a.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    if add_to is not None:
+        return add_to.copy_(add_to.float() + y)
+    return y.to(x.dtype)
