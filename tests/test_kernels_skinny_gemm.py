@@ -279,3 +279,55 @@ def test_skinny_gemm_cuda_graph():
     tol = GPU_TOL[dtype]
     close(qkv, skinny_gemm_ref(x, w_qkv, norm_weight=nw, eps=1e-6), tol)
     close(residual, skinny_gemm_ref(gate_up, w_down, silu_mul=True, add_to=residual_in), tol)
+
+
+# ------------------------------------------------------- the model's small-batch path
+
+def _model_logits(arch: str, path, dtype: torch.dtype, device: str, skinny: bool, monkeypatch,
+                  calls: Optional[dict] = None) -> list[torch.Tensor]:
+    """Logits of a 7-token prefill and two decode steps, with the skinny path on or off."""
+    import paged_backend.kernels.skinny_gemm as sg
+    from paged_backend.layers import fused_kernels
+    from paged_backend.models.loader import load_hf_config, load_model, resolve_model
+    from test_kernels_fused import run_model
+    from tiny_models import make_tiny_checkpoint
+
+    make_tiny_checkpoint(arch, str(path))
+    src = resolve_model(str(path))
+    cfg = load_hf_config(src)
+    model = load_model(src, cfg, dtype, device)
+    with monkeypatch.context() as mp:
+        if skinny:
+            mp.setattr(fused_kernels, "use_skinny_gemm",
+                       lambda x: x.shape[0] <= fused_kernels.SKINNY_MAX_TOKENS)
+            if calls is not None:
+                real = sg.skinny_gemm
+
+                def counted(*args, **kwargs):
+                    calls["skinny_gemm"] += 1
+                    return real(*args, **kwargs)
+                mp.setattr(sg, "skinny_gemm", counted)
+        return run_model(model, cfg, [5, 17, 99, 3, 250, 41, 7], 2, device, dtype)
+
+
+@cpu_only
+@pytest.mark.parametrize("arch", ["llama3_rope", "qwen3", "qwen2"])
+def test_model_skinny_path_interpreter(arch, tmp_path, monkeypatch):
+    """The Llama family's small-batch path (norms, SiLU-mul and residual adds fused into four
+    GEMMs per layer) gives the regular path's logits."""
+    expected = _model_logits(arch, tmp_path / "a", torch.float32, "cpu", False, monkeypatch)
+    calls = {"skinny_gemm": 0}
+    got = _model_logits(arch, tmp_path / "b", torch.float32, "cpu", True, monkeypatch, calls)
+    assert calls["skinny_gemm"] == 3 * 4 * 2  # 3 forwards x 4 GEMMs x 2 layers
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama3_rope", "qwen3", "qwen2"])
+def test_model_skinny_path_gpu(arch, tmp_path, monkeypatch):
+    expected = _model_logits(arch, tmp_path / "a", torch.bfloat16, "cuda", False, monkeypatch)
+    got = _model_logits(arch, tmp_path / "b", torch.bfloat16, "cuda", True, monkeypatch)
+    for g, e in zip(got, expected, strict=True):
+        err = (g.float() - e.float()).abs().max() / e.float().abs().max()
+        assert err < 5e-2, err

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional
 import torch
 from transformers.activations import ACT2FN
 
+from paged_backend.layers import fused_kernels
 from paged_backend.layers.activation import SiluAndMul
 from paged_backend.layers.attention import AttentionBackend, AttentionMetadata
 from paged_backend.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -97,14 +98,21 @@ class LlamaAttention(torch.nn.Module):
                 meta: AttentionMetadata,
                 cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """`cos_sin`: the rotary torch path's cos/sin, computed once per forward (None: not needed)."""
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        out = self.attend(positions, self.qkv_proj(x), kv_cache, meta, cos_sin)
+        return self.o_proj(out)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata,
+               cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Rotary, KV write and attention of a projected `qkv`; returns `[T, Hq * D]` (before o_proj)."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb.rotate(positions, q, k, self.q_norm, self.k_norm, cos_sin=cos_sin)
         out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -128,6 +136,8 @@ class LlamaDecoderLayer(torch.nn.Module):
                 cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) after this layer; `residual` may be updated in place (kernel path)."""
+        if self.mlp.act_and_mul is not None and fused_kernels.use_skinny_gemm(hidden):
+            return self._forward_skinny(positions, hidden, residual, kv_cache, meta, cos_sin)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -136,6 +146,30 @@ class LlamaDecoderLayer(torch.nn.Module):
         hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def _forward_skinny(self, positions: torch.Tensor, hidden: torch.Tensor,
+                        residual: Optional[torch.Tensor], kv_cache: torch.Tensor,
+                        meta: AttentionMetadata,
+                        cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                        ) -> tuple[torch.Tensor, None]:
+        """Small batches: four GEMMs with the norms, SiLU-and-mul and residual adds fused in.
+
+        Returns `(stream, None)`: the residual stream itself, updated in place (the next
+        layer reads a None residual as "hidden is the whole stream").
+        """
+        from paged_backend.kernels.skinny_gemm import skinny_gemm
+        stream = hidden if residual is None else hidden + residual
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = skinny_gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                          norm_weight=ln1.weight, eps=ln1.eps)
+        out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
+        skinny_gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream)
+        gate_up = skinny_gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                              norm_weight=ln2.weight, eps=ln2.eps)
+        skinny_gemm(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul=True,
+                    add_to=stream)
+        return stream, None
 
 
 class LlamaModel(torch.nn.Module):
@@ -158,6 +192,8 @@ class LlamaModel(torch.nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin)
+        if residual is None:  # the skinny-GEMM path returns the whole stream
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
