@@ -52,6 +52,7 @@ def run(llm, ps, params):
 def check_clean(llm):
     eng = llm.llm_engine
     assert eng._inflight is None or all(s.request.is_finished for s in eng._inflight[0].scheduled)
+    assert not eng.scheduler.requests and eng.scheduler.all_overlap_ok
     bm = eng.block_manager
     bm.check_invariants()
     assert bm.num_used_blocks == 0, "KV blocks leaked"

@@ -239,7 +239,7 @@ class LLMEngine:
         """
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
-        overlap = self.overlap and self._can_overlap()
+        overlap = self.overlap and self.scheduler.all_overlap_ok
         if prev is not None and not overlap:
             outputs += self._process(*prev)
             prev = None
@@ -264,10 +264,6 @@ class LLMEngine:
             else:
                 outputs += self._process(*cur)
         return outputs
-
-    def _can_overlap(self) -> bool:
-        sched = self.scheduler
-        return all(r.overlap_ok for r in sched.running) and all(r.overlap_ok for r in sched.waiting)
 
     def _process(self, sched: SchedulerOutput, handle) -> list[RequestOutput]:
         """Read a launched step's results: append tokens, check stops, build outputs."""

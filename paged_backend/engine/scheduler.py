@@ -72,12 +72,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        self._num_no_overlap = 0  # unfinished requests with overlap_ok False
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use.")
         self.requests[request.request_id] = request
+        self._num_no_overlap += not request.overlap_ok
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
@@ -91,7 +93,13 @@ class Scheduler:
             child.num_cached_tokens = parent.num_cached_tokens
         child.status = RequestStatus.RUNNING
         self.requests[child.request_id] = child
+        self._num_no_overlap += not child.overlap_ok
         self.running.append(child)
+
+    @property
+    def all_overlap_ok(self) -> bool:
+        """True when every unfinished request may run with overlapped steps."""
+        return self._num_no_overlap == 0
 
     @property
     def num_running(self) -> int:
@@ -198,6 +206,7 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        self._num_no_overlap -= not req.overlap_ok
         assert status.is_finished
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
