@@ -127,6 +127,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def _x_mask(mask_m, ks, K, EVEN_K: tl.constexpr):
+    """Mask of the x tile `[BLOCK_M, BLOCK_K]` at columns `ks` (rows past M off)."""
+    if EVEN_K:
+        return mask_m[:, None] & (ks[None, :] >= 0)
+    return mask_m[:, None] & (ks[None, :] < K)
+
+
+@triton.jit
 def _load_a(x_rows, nw_ptr, ks, mask, rstd, K,
             NORM: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
     """The GEMM input tile `[BLOCK_M, BLOCK_K]` of columns `ks`, prologue applied, in x's dtype."""
@@ -174,10 +182,7 @@ def _skinny_gemm_kernel(
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
             ks = k0 + offs_k
-            if EVEN_K:
-                xm = mask_m[:, None]
-            else:
-                xm = mask_m[:, None] & (ks[None, :] < K)
+            xm = _x_mask(mask_m, ks, K, EVEN_K)
             xf = tl.load(x_rows + ks[None, :], mask=xm, other=0.0).to(tl.float32)
             sum_sq += tl.sum(xf * xf, axis=1)
         rstd = tl.math.rsqrt(sum_sq / K + eps)
@@ -185,10 +190,7 @@ def _skinny_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         ks = k0 + offs_k
-        if EVEN_K:
-            xm = mask_m[:, None]
-        else:
-            xm = mask_m[:, None] & (ks[None, :] < K)
+        xm = _x_mask(mask_m, ks, K, EVEN_K)
         a = _load_a(x_rows, nw_ptr, ks, xm, rstd, K, NORM, SILU_MUL, EVEN_K)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + ks[None, :])
