@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json-out", default=None, help="write every result to this JSON file")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time the workload N times (prefix cache reset between runs) and "
+                         "report the run of median time; a 1-request run is ~0.3 s, so a single "
+                         "run varies by several percent")
     # Shrinking, for smoke tests (the workload label then says what was changed).
     ap.add_argument("--num-seqs", type=int, default=None,
                     help="bench workloads: make_workload(num_seqs=N) instead of the named N")
@@ -195,15 +199,20 @@ def run_engine(a, models_mod, reqs) -> dict:
     secs, outs = timed_generate(llm, warm, device)
     check_outputs(outs, warm)
     log(f"warm-up: {len(warm)} requests, {sum(m for _, m in warm)} tokens in {secs:.1f}s")
-    llm.reset_prefix_cache()  # the latency warm-up ran the same prompt
-    llm.reset_stats()
-
-    secs, outs = timed_generate(llm, reqs, device)
-    n = check_outputs(outs, reqs)
-    st = llm.get_stats()
+    runs = []
+    for _ in range(max(1, a.repeat)):
+        llm.reset_prefix_cache()  # the warm-up (and earlier runs) saw the same prompts
+        llm.reset_stats()
+        secs, outs = timed_generate(llm, reqs, device)
+        n = check_outputs(outs, reqs)
+        runs.append((secs, llm.get_stats()))
+    if len(runs) > 1:
+        log("runs: " + ", ".join(f"{n / s:,.1f}" for s, _ in runs) + " tok/s")
+    secs, st = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     res = dict(engine="paged_backend", device=str(device),
                dtype=str(eng.dtype).replace("torch.", ""), seconds=secs, output_tokens=n,
                prompt_tokens=sum(len(p) for p, _ in reqs), tok_per_s=n / secs,
+               runs_tok_per_s=[n / s for s, _ in runs],
                max_model_len=max_len,
                max_num_batched_tokens=eng.config.max_num_batched_tokens,
                stats={k: st[k] for k in ("num_steps", "num_preemptions", "kv_blocks_total",

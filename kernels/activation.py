@@ -12,11 +12,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -40,9 +44,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or inter == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(inter))
+    pdl = pdl_enabled(x)
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
         x, out, x.stride(0), out.stride(0), inter,
-        BLOCK=block, num_warps=4 if block >= 1024 else (2 if block >= 256 else 1),
+        BLOCK=block, PDL=pdl, num_warps=4 if block >= 1024 else (2 if block >= 256 else 1),
+        **launch_kwargs(pdl),
     )
     return out
 

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+
 _LOG2E = 1.4426950408889634
 _DEFAULT_NUM_SMS = 132
 _MAX_SPLITS = 16
@@ -60,8 +62,9 @@ def _decode_split_kernel(
     num_splits,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -123,8 +126,9 @@ def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     stride_ob, stride_oh,
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_q_heads = tl.num_programs(1)
@@ -230,6 +234,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty((batch, num_q_heads, num_splits, 2),
                               dtype=torch.float32, device=q.device)
+    pdl = pdl_enabled(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_acc, part_ml,
@@ -241,8 +246,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         out.stride(0), out.stride(1),
         num_splits,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, INPUT_PRECISION=precision, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch_kwargs(pdl),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -251,8 +256,8 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
             num_splits,
             HEAD_DIM=head_dim,
             # Few block widths: num_splits is a runtime argument, so split counts share a compile.
-            BLOCK_S=16 if num_splits <= 16 else 64,
-            num_warps=1 if head_dim <= 64 else 2,
+            BLOCK_S=16 if num_splits <= 16 else 64, PDL=pdl,
+            num_warps=1 if head_dim <= 64 else 2, **launch_kwargs(pdl),
         )
     return out
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -25,8 +27,9 @@ def _write_kv_kernel(
     stride_vt, stride_vh, stride_vd,
     stride_cblk, stride_cslot, stride_ch, stride_cd,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_ELEMS: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_ELEMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -65,13 +68,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     num_elems = num_kv_heads * head_dim
     block = triton.next_power_of_2(num_elems)
+    pdl = pdl_enabled(k)
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_ELEMS=num_elems, BLOCK=block,
-        num_warps=4 if block >= 1024 else (2 if block >= 256 else 1),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_ELEMS=num_elems, BLOCK=block, PDL=pdl,
+        num_warps=4 if block >= 1024 else (2 if block >= 256 else 1), **launch_kwargs(pdl),
     )
 
 

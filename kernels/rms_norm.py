@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+
 MAX_HIDDEN = 65536
 
 
@@ -26,8 +28,9 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr,
     stride_x, stride_r, stride_o,
     eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -68,12 +71,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out
     block = triton.next_power_of_2(hidden)
     res = residual if residual is not None else x
+    pdl = pdl_enabled(x)
     _rms_norm_kernel[(num_rows,)](
         x, res, weight, out,
         x.stride(0), res.stride(0), out.stride(0),
         float(eps),
-        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        num_warps=_num_warps(block),
+        HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, PDL=pdl,
+        num_warps=_num_warps(block), **launch_kwargs(pdl),
     )
     return out
 

@@ -1,7 +1,9 @@
 """Triton rotary position embedding (neox style), optionally fused with per-head RMSNorm.
 
 `apply_rotary` rotates q `[T, Hq, D]` and k `[T, Hkv, D]` IN PLACE in one
-launch: one program per token handles all of its q and k heads. cos/sin are
+launch: one program per token handles all of its q and k heads, and, given the
+KV cache, also stores the rotated k and the token's v at its slot (the KV write
+of the layer, fused: one launch less per layer). cos/sin are
 computed in the kernel in float32 from the token's position and `inv_freq`
 (`freq = float(pos) * inv_freq[i]`, as HF computes it), so there is no cos/sin
 cache and no position limit. With a norm weight (Qwen3's q_norm/k_norm), each
@@ -26,15 +28,22 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+
 # Elements of one half-tile (heads x D/2) a program holds per loop step.
 _TILE_ELEMS = 2048
 
 
 @triton.jit
 def _norm_rotate_heads(base_ptr, stride_h, w_ptr, cos, sin, offs_d, d_mask, eps,
+                       cache_ptr, stride_ch, cache_heads,
                        NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                       HAS_NORM: tl.constexpr):
-    """Normalize (optionally) and rotate the `NUM_HEADS` heads at `base_ptr`, in place."""
+                       HAS_NORM: tl.constexpr, TO_CACHE: tl.constexpr):
+    """Normalize (optionally) and rotate the `NUM_HEADS` heads at `base_ptr`, in place.
+
+    With TO_CACHE, the first `cache_heads` rotated heads (all or none) are also stored at
+    `cache_ptr` (head stride `stride_ch`, contiguous D).
+    """
     dtype = base_ptr.dtype.element_ty
     if HAS_NORM:
         w1 = tl.load(w_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -50,22 +59,46 @@ def _norm_rotate_heads(base_ptr, stride_h, w_ptr, cos, sin, offs_d, d_mask, eps,
             r = tl.math.rsqrt(mean_sq + eps)[:, None]
             x1 = ((x1 * r).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
             x2 = ((x2 * r).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
-        o1 = x1 * cos[None, :] - x2 * sin[None, :]
-        o2 = x2 * cos[None, :] + x1 * sin[None, :]
-        tl.store(p1, o1.to(dtype), mask=mask)
-        tl.store(p1 + HALF, o2.to(dtype), mask=mask)
+        o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(dtype)
+        o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(dtype)
+        tl.store(p1, o1, mask=mask)
+        tl.store(p1 + HALF, o2, mask=mask)
+        if TO_CACHE:
+            c1 = cache_ptr + offs_h[:, None] * stride_ch + offs_d[None, :]
+            cdt = cache_ptr.dtype.element_ty
+            cmask = (offs_h < cache_heads)[:, None] & d_mask[None, :]
+            tl.store(c1, o1.to(cdt), mask=cmask)
+            tl.store(c1 + HALF, o2.to(cdt), mask=cmask)
+
+
+@triton.jit
+def _copy_heads(src_ptr, stride_h, dst_ptr, stride_dh, num_heads, offs_d, d_mask,
+                NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Copy the first `num_heads` (<= NUM_HEADS) heads of 2 * HALF contiguous values."""
+    for h0 in range(0, NUM_HEADS, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h < num_heads)[:, None] & d_mask[None, :]
+        ps = src_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+        pd = dst_ptr + offs_h[:, None] * stride_dh + offs_d[None, :]
+        cdt = dst_ptr.dtype.element_ty
+        tl.store(pd, tl.load(ps, mask=mask, other=0.0).to(cdt), mask=mask)
+        tl.store(pd + HALF, tl.load(ps + HALF, mask=mask, other=0.0).to(cdt), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh,
+    v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cblk, stride_cslot, stride_ch,
     eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
     Q_NORM: tl.constexpr, K_NORM: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    WRITE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
@@ -77,10 +110,22 @@ def _rotary_kernel(
     else:
         cos = tl.cos(freq)
         sin = tl.sin(freq)
+    cache_off = 0
+    cache_heads = 0
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cache_heads = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # padding rows (slot -1): none
+        safe = tl.maximum(slot, 0)
+        cache_off = (safe // BLOCK_SIZE) * stride_cblk + (safe % BLOCK_SIZE) * stride_cslot
     _norm_rotate_heads(q_ptr + t * stride_qt, stride_qh, qw_ptr, cos, sin, offs_d, d_mask, eps,
-                       NUM_Q_HEADS, HALF, BLOCK_QH, Q_NORM)
+                       kc_ptr, stride_ch, 0,
+                       NUM_Q_HEADS, HALF, BLOCK_QH, Q_NORM, False)
     _norm_rotate_heads(k_ptr + t * stride_kt, stride_kh, kw_ptr, cos, sin, offs_d, d_mask, eps,
-                       NUM_KV_HEADS, HALF, BLOCK_KH, K_NORM)
+                       kc_ptr + cache_off, stride_ch, cache_heads,
+                       NUM_KV_HEADS, HALF, BLOCK_KH, K_NORM, WRITE_KV)
+    if WRITE_KV:
+        _copy_heads(v_ptr + t * stride_vt, stride_vh, vc_ptr + cache_off, stride_ch, cache_heads,
+                    offs_d, d_mask, NUM_KV_HEADS, HALF, BLOCK_KH)
 
 
 def _head_block(num_heads: int, block_half: int) -> int:
@@ -90,12 +135,18 @@ def _head_block(num_heads: int, block_half: int) -> int:
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  inv_freq: torch.Tensor, q_norm_weight: Optional[torch.Tensor] = None,
                  k_norm_weight: Optional[torch.Tensor] = None,
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-6, v: Optional[torch.Tensor] = None,
+                 kv_cache: Optional[torch.Tensor] = None,
+                 slot_mapping: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q `[T, Hq, D]` and k `[T, Hkv, D]` IN PLACE by `positions` `[T]`; returns (q, k).
 
     q and k may be strided views (e.g. of a fused QKV output); only their last
     dim must be contiguous. `inv_freq`: `[D/2]` float32. `q_norm_weight` /
     `k_norm_weight` (`[D]`): per-head RMSNorm (epsilon `eps`) before rotating.
+    With `kv_cache` (`[2, num_blocks, block_size, Hkv, D]`, last dim contiguous),
+    `v` `[T, Hkv, D]` and `slot_mapping` (`[>= T]` int64/int32), the same launch also
+    writes the rotated k and v into the cache at each token's slot (slot < 0 skipped),
+    as `kernels.kv_write.write_kv` would.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -108,6 +159,16 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     assert inv_freq.shape == (half,) and inv_freq.dtype == torch.float32, inv_freq.shape
     for w in (q_norm_weight, k_norm_weight):
         assert w is None or (w.shape == (head_dim,) and w.stride(0) == 1), "norm weight must be [D]"
+    write_kv = kv_cache is not None
+    if write_kv:
+        assert v is not None and slot_mapping is not None, "kv_cache needs v and slot_mapping"
+        assert v.shape == k.shape and v.stride(2) == 1, (v.shape, k.shape)
+        assert kv_cache.dim() == 5 and kv_cache.shape[3:] == (num_kv_heads, head_dim), (
+            kv_cache.shape, k.shape)
+        assert kv_cache.stride(-1) == 1, "the cache's head dim must be contiguous"
+        assert slot_mapping.shape[0] >= num_tokens, (slot_mapping.shape, num_tokens)
+        if slot_mapping.dtype not in (torch.int64, torch.int32) or slot_mapping.stride(0) != 1:
+            slot_mapping = slot_mapping.long().contiguous()
     if num_tokens == 0:
         return q, k
     if positions.stride(0) != 1:
@@ -117,17 +178,28 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     block_qh = _head_block(num_q_heads, block_half)
     block_kh = _head_block(num_kv_heads, block_half)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type != "cuda"
+    pdl = pdl_enabled(q)
+    if write_kv:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        assert k_cache.stride() == v_cache.stride(), "K and V caches must share strides"
+        block_size = kv_cache.shape[2]
+        cstrides = k_cache.stride()[:3]
+    else:
+        k_cache = v_cache = v = slot_mapping = k  # unused
+        block_size, cstrides = 1, (0, 0, 0)
     _rotary_kernel[(num_tokens,)](
         q, k, positions, inv_freq,
         q_norm_weight if q_norm_weight is not None else inv_freq,
         k_norm_weight if k_norm_weight is not None else inv_freq,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *cstrides,
         float(eps),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads,
         HALF=half, BLOCK_HALF=block_half, BLOCK_QH=block_qh, BLOCK_KH=block_kh,
         Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
-        USE_LIBDEVICE=not interpret,
-        num_warps=4 if block_qh * block_half >= 1024 else 2,
+        USE_LIBDEVICE=not interpret, WRITE_KV=write_kv, BLOCK_SIZE=block_size, PDL=pdl,
+        num_warps=4 if block_qh * block_half >= 1024 else 2, **launch_kwargs(pdl),
     )
     return q, k
 

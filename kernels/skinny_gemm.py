@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .activation import silu_and_mul_ref
+from .pdl import launch_kwargs, pdl_enabled, pdl_wait
 from .rms_norm import rms_norm_ref
 
 MAX_M = 64
@@ -83,7 +84,8 @@ def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = 
     memory figures are from compiling for sm_90 with ptxas):
     - path: broadcast-reduce for m <= 4, else `tl.dot` with BLOCK_M = max(16, next_pow2(m)).
     - BLOCK_N: aim for >= 2 programs per SM, i.e. the largest power of two <= n / (2 * SMs),
-      clamped to [4, 32] (broadcast) or [16, 64] (dot; at least 32 when BLOCK_M = 64, since
+      clamped to [4, 8] (broadcast: on llama3-8b's gate_up, 8 x 1024 tiles stream at 3.0 TB/s,
+      32 x 256 at 2.3) or [16, 64] (dot; at least 32 when BLOCK_M = 64, since
       every program re-reads all of x from L2: that traffic is M / BLOCK_N times the weight's).
     - BLOCK_K: a weight tile of ~16 KB (BLOCK_N * BLOCK_K * elem_bytes), capped by registers
       at 64 fp32 values per thread: broadcast BLOCK_M * BLOCK_N * BLOCK_K (the product), dot
@@ -104,7 +106,7 @@ def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = 
         lo, hi = (32 if block_m >= 64 else 16), 64
     else:
         block_m = triton.next_power_of_2(m)
-        lo, hi = 4, 32
+        lo, hi = 4, 8
     block_n = _clamp(_pow2_floor(n // (2 * num_sms)), lo, hi)
     block_k = 16384 // (block_n * elem_bytes)
     if use_dot:
@@ -167,6 +169,7 @@ def _skinny_gemm_kernel(
     NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
     ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -176,6 +179,16 @@ def _skinny_gemm_kernel(
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x  # [BLOCK_M, 1]
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w  # [BLOCK_N, 1]
+    if PDL:
+        if PREFETCH_LINES > 0:
+            # No kernel writes the weight: pull the first lines of this program's rows into L2
+            # while the previous kernel finishes (one address per LINE-element cache line).
+            pk = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE, K - 1)
+            rows = w_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_w
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                      [rows + pk[None, :]], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+        pdl_wait(PDL)
 
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
@@ -271,6 +284,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if cfg.use_dot:
         assert cfg.block_n >= 16 and cfg.block_k >= 16, "tl.dot needs BLOCK_N, BLOCK_K >= 16"
 
+    pdl = pdl_enabled(x)
+    line = max(1, 128 // x.element_size())  # elements per 128-byte cache line
+    # Prefetch (PDL only) two K tiles of the weight, at most its row.
+    prefetch_lines = min(triton.next_power_of_2(triton.cdiv(k, line)),
+                         max(1, 2 * cfg.block_k // line)) if pdl else 0
     dummy = weight  # stands in for absent optional pointers (never read)
     _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else dummy,
@@ -284,7 +302,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul,
         ACCUMULATE=add_to is not None,
         EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, PREFETCH_LINES=prefetch_lines, LINE=line,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl),
     )
     return out
 

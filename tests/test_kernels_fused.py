@@ -25,6 +25,7 @@ import paged_backend.kernels.activation as activation_mod  # noqa: E402
 import paged_backend.kernels.rms_norm as rms_norm_mod  # noqa: E402
 import paged_backend.kernels.rotary as rotary_mod  # noqa: E402
 from paged_backend.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from paged_backend.kernels.kv_write import write_kv_ref  # noqa: E402
 from paged_backend.kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from paged_backend.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 from paged_backend.layers import fused_kernels  # noqa: E402
@@ -115,6 +116,41 @@ def check_rotary(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, tol, no
     assert torch.equal(v, v_before)
 
 
+def check_rotary_kv_write(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, tol, normed,
+                          block_size, device="cpu", seed=0):
+    """Rotary with the KV write fused in: q/k as `apply_rotary_ref`, the cache as `write_kv_ref`
+    of the reference k and v (padding slots -1 leave the cache untouched)."""
+    qkv, q, k, v = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    positions = torch.randint(0, 5000, (num_tokens,), generator=gen).to(device)
+    inv_freq = compute_inv_freq(head_dim, LLAMA3).to(device)
+    qw = norm_weight(head_dim, dtype, device, seed=2) if normed else None
+    kw = norm_weight(head_dim, dtype, device, seed=3) if normed else None
+    num_blocks = num_tokens // block_size + 3
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
+                        generator=gen).to(device=device, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1  # padding rows
+    slots = slots.to(device)
+    ref_q, ref_k = apply_rotary_ref(q, k, positions, inv_freq, qw, kw, eps=1e-6)
+    ref_cache = cache.clone()
+    write_kv_ref(ref_k, v, ref_cache, slots)
+    v_before = v.clone()
+    apply_rotary(q, k, positions, inv_freq, qw, kw, eps=1e-6, v=v, kv_cache=cache,
+                 slot_mapping=slots)
+    close(q, ref_q, tol)
+    close(k, ref_k, tol)
+    assert torch.equal(v, v_before)
+    written = slots[slots >= 0]
+    flat, ref_flat = cache.flatten(1, 2), ref_cache.flatten(1, 2)
+    assert torch.equal(flat[1], ref_flat[1])  # v: a copy
+    close(flat[0, written], ref_flat[0, written], tol)  # k: rotated
+    untouched = torch.ones(flat.shape[1], dtype=torch.bool, device=device)
+    untouched[written] = False
+    assert torch.equal(flat[0, untouched], ref_flat[0, untouched])
+    assert torch.equal(flat[0, written], k[slots >= 0])  # the cache holds exactly the rotated k
+
+
 def check_silu_and_mul(num_tokens, inter, dtype, tol, device="cpu", row_pad=0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     base = (2 * torch.randn(num_tokens, 2 * inter + row_pad, generator=gen)).to(device=device,
@@ -147,6 +183,15 @@ def test_rms_norm_interpreter_empty():
 def test_rotary_interpreter(shape, dtype, normed):
     # (T, Hq, Hkv, D): D/2 = 6 is not a power of two; 40 x 128 loops over head blocks.
     check_rotary(*shape, dtype, CPU_TOL[dtype], normed, seed=shape[1])
+
+
+@cpu_only
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("shape,block_size", [((7, 4, 2, 16), 4), ((5, 6, 3, 12), 1),
+                                              ((3, 8, 8, 32), 16)])
+def test_rotary_kv_write_interpreter(shape, block_size, normed):
+    check_rotary_kv_write(*shape, torch.float32, CPU_TOL[torch.float32], normed, block_size,
+                          seed=shape[0])
 
 
 @cpu_only
@@ -295,6 +340,7 @@ def test_model_kernel_path_interpreter(arch, tmp_path, monkeypatch):
     tokens = [5, 17, 99, 3, 250, 41, 7]
     expected = run_model(model, cfg, tokens, 2, "cpu", torch.float32)
     monkeypatch.setattr(fused_kernels, "use_fused_kernels", lambda x: True)
+    monkeypatch.setenv(fused_kernels.SKINNY_GEMM_ENV, "0")  # the one-token path is tested apart
     calls = {"rms_norm": 0, "apply_rotary": 0, "silu_and_mul": 0}
     for module in (rms_norm_mod, rotary_mod, activation_mod):
         for name in calls:
@@ -334,6 +380,17 @@ def test_rotary_gpu(heads, head_dim, num_tokens, dtype, normed):
     tol = (GPU_TOL_NORMED if normed else GPU_TOL)[dtype]
     check_rotary(num_tokens, *heads, head_dim, dtype, tol, normed, device="cuda",
                  max_pos=100000, params=LLAMA3, seed=num_tokens + head_dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 256])
+@pytest.mark.parametrize("heads,head_dim", [((16, 8), 128), ((32, 8), 128), ((9, 3), 64)])
+def test_rotary_kv_write_gpu(heads, head_dim, num_tokens, dtype, normed):
+    tol = (GPU_TOL_NORMED if normed else GPU_TOL)[dtype]
+    check_rotary_kv_write(num_tokens, *heads, head_dim, dtype, tol, normed, 16, device="cuda",
+                          seed=num_tokens)
 
 
 @pytest.mark.gpu

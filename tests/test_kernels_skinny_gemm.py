@@ -318,7 +318,11 @@ def test_model_skinny_path_interpreter(arch, tmp_path, monkeypatch):
     expected = _model_logits(arch, tmp_path / "a", torch.float32, "cpu", False, monkeypatch)
     calls = {"skinny_gemm": 0}
     got = _model_logits(arch, tmp_path / "b", torch.float32, "cpu", True, monkeypatch, calls)
-    assert calls["skinny_gemm"] == 3 * 4 * 2  # 3 forwards x 4 GEMMs x 2 layers
+    # The 7-token prefill runs the regular path (SKINNY_MAX_TOKENS = 1): 2 decode forwards
+    # x 4 GEMMs x 2 layers.
+    from paged_backend.layers import fused_kernels
+    assert fused_kernels.SKINNY_MAX_TOKENS == 1
+    assert calls["skinny_gemm"] == 2 * 4 * 2
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 

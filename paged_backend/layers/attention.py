@@ -62,3 +62,8 @@ class AttentionBackend(Protocol):
         attention output [T, Hq, D] (Hq a multiple of Hkv: grouped queries).
         """
         ...
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """`forward` for a layer that has already written this step's k, v into kv_cache."""
+        ...

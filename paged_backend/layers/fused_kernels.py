@@ -4,9 +4,9 @@ The kernels (`paged_backend.kernels.rms_norm`, `.rotary`, `.activation`) serve
 CUDA tensors when triton imports; set PAGED_BACKEND_FUSED_KERNELS=0 to force
 the torch path everywhere. Layers import the kernels lazily, on first use.
 
-The small-batch path (`paged_backend.kernels.skinny_gemm`: GEMMs with the RMSNorm,
-SiLU-and-mul and residual add fused in) is opt-in with PAGED_BACKEND_SKINNY_GEMM=1
-until it has been measured against cuBLAS on the GPU.
+The one-token path (`paged_backend.kernels.skinny_gemm`: four GEMMs per layer with the
+RMSNorm, SiLU-and-mul and residual adds fused in) runs forwards of SKINNY_MAX_TOKENS
+tokens on CUDA; PAGED_BACKEND_SKINNY_GEMM=0 turns it off (cuBLAS and separate kernels).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def use_fused_kernels(x: torch.Tensor) -> bool:
 
 
 SKINNY_GEMM_ENV = "PAGED_BACKEND_SKINNY_GEMM"
-# Largest number of tokens in a forward that takes the skinny-GEMM path.
-SKINNY_MAX_TOKENS = 16
+# Largest number of tokens in a forward that takes the skinny-GEMM path. On the H100 the
+# fused kernels beat cuBLAS + separate norm / SiLU kernels at one row; at 8 rows the tl.dot
+# variants with a norm or SiLU prologue are slower (benchmarks/skinny_gemm.py).
+SKINNY_MAX_TOKENS = 1
 
 
 def use_skinny_gemm(x: torch.Tensor) -> bool:
-    """True for a CUDA batch of at most SKINNY_MAX_TOKENS tokens when the path is switched on."""
-    return (x.shape[0] <= SKINNY_MAX_TOKENS and os.environ.get(SKINNY_GEMM_ENV, "0") == "1"
+    """True for a CUDA batch of at most SKINNY_MAX_TOKENS tokens unless switched off."""
+    return (x.shape[0] <= SKINNY_MAX_TOKENS and os.environ.get(SKINNY_GEMM_ENV, "1") != "0"
             and use_fused_kernels(x))

@@ -156,6 +156,28 @@ class RotaryEmbedding(torch.nn.Module):
         cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions, q.dtype)
         return self.apply(q, cos, sin), self.apply(k, cos, sin)
 
+    def rotate_and_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            q_norm: Optional[RMSNorm] = None, k_norm: Optional[RMSNorm] = None
+                            ) -> Optional[torch.Tensor]:
+        """`rotate`, and store the rotated k and v into `kv_cache` at `slot_mapping`, in one
+        kernel launch; returns the rotated q (k is rotated in place too), or None, having
+        done nothing, when the kernel path does not apply (the caller then rotates and
+        writes separately)."""
+        if not (self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm)
+                and kv_cache.stride(-1) == 1):
+            return None
+        from paged_backend.kernels.rotary import apply_rotary
+
+        norm = q_norm if q_norm is not None else k_norm
+        q, _ = apply_rotary(
+            q, k, positions, self.inv_freq,
+            q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            eps=norm.eps if norm is not None else 1e-6,
+            v=v, kv_cache=kv_cache, slot_mapping=slot_mapping)
+        return q
+
     def _kernel_norms_ok(self, q: torch.Tensor, q_norm: Optional[RMSNorm],
                          k_norm: Optional[RMSNorm]) -> bool:
         """The kernel fuses RMSNorms of q's dtype sharing one epsilon; float32 inv_freq."""

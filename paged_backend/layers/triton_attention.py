@@ -33,6 +33,11 @@ class TritonAttentionBackend:
                 kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]; writes k/v at `meta.slot_mapping`, returns [T, Hq, D]."""
         self._write(k, v, kv_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """Attention over the cache, which already holds this step's k, v."""
         if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                 num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len)

@@ -110,8 +110,15 @@ class LlamaAttention(torch.nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb.rotate(positions, q, k, self.q_norm, self.k_norm, cos_sin=cos_sin)
-        out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
+        # On the kernel path one launch rotates q/k and writes k/v into the cache.
+        q_rot = self.rotary_emb.rotate_and_write_kv(positions, q, k, v, kv_cache,
+                                                    meta.slot_mapping, self.q_norm, self.k_norm)
+        if q_rot is not None:
+            out = self.attn_backend.attend(q_rot, kv_cache, meta, self.scale)
+        else:
+            q, k = self.rotary_emb.rotate(positions, q, k, self.q_norm, self.k_norm,
+                                          cos_sin=cos_sin)
+            out = self.attn_backend.forward(q, k, v, kv_cache, meta, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
