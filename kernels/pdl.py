@@ -32,8 +32,8 @@ PDL_ENV = "PAGED_BACKEND_PDL"
 def _device_supports_pdl(index: int) -> bool:
     if os.environ.get(PDL_ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    if torch.cuda.get_device_capability(index)[0] < 9:
-        return False
+    if torch.version.hip is not None or torch.cuda.get_device_capability(index)[0] < 9:
+        return False  # griddepcontrol is NVIDIA's (sm_90 and newer)
     return hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
 
 
@@ -52,7 +52,10 @@ def launch_kwargs(pdl: bool) -> dict:
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """With PDL: wait for the previous kernel, then let the next one launch. Call it first."""
+    """With PDL: wait for the previous kernel, then let the next one launch.
+
+    Call it before any load of data a kernel may write and before any store (only reads of
+    never-written data, such as weight prefetches, may come earlier)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -117,7 +117,7 @@ def check_rotary(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, tol, no
 
 
 def check_rotary_kv_write(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, tol, normed,
-                          block_size, device="cpu", seed=0):
+                          block_size, device="cpu", seed=0, slot_dtype=torch.int64):
     """Rotary with the KV write fused in: q/k as `apply_rotary_ref`, the cache as `write_kv_ref`
     of the reference k and v (padding slots -1 leave the cache untouched)."""
     qkv, q, k, v = fused_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device, seed)
@@ -131,7 +131,7 @@ def check_rotary_kv_write(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype
                         generator=gen).to(device=device, dtype=dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     slots[::3] = -1  # padding rows
-    slots = slots.to(device)
+    slots = slots.to(device=device, dtype=slot_dtype)
     ref_q, ref_k = apply_rotary_ref(q, k, positions, inv_freq, qw, kw, eps=1e-6)
     ref_cache = cache.clone()
     write_kv_ref(ref_k, v, ref_cache, slots)
@@ -187,11 +187,14 @@ def test_rotary_interpreter(shape, dtype, normed):
 
 @cpu_only
 @pytest.mark.parametrize("normed", [False, True])
-@pytest.mark.parametrize("shape,block_size", [((7, 4, 2, 16), 4), ((5, 6, 3, 12), 1),
-                                              ((3, 8, 8, 32), 16)])
-def test_rotary_kv_write_interpreter(shape, block_size, normed):
+@pytest.mark.parametrize("shape,block_size,slot_dtype", [
+    ((7, 4, 2, 16), 4, torch.int64), ((5, 6, 3, 12), 1, torch.int32),
+    ((4, 6, 3, 20), 3, torch.int64),  # D/2 = 10: masked half-tiles
+    ((3, 40, 40, 128), 16, torch.int32),  # 40 heads of 128: two head tiles
+])
+def test_rotary_kv_write_interpreter(shape, block_size, slot_dtype, normed):
     check_rotary_kv_write(*shape, torch.float32, CPU_TOL[torch.float32], normed, block_size,
-                          seed=shape[0])
+                          seed=shape[0], slot_dtype=slot_dtype)
 
 
 @cpu_only
@@ -346,7 +349,15 @@ def test_model_kernel_path_interpreter(arch, tmp_path, monkeypatch):
         for name in calls:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(getattr(module, name), name, calls))
+    real_rotary = rotary_mod.apply_rotary
+    fused_writes = []
+
+    def rotary_spy(*args, **kwargs):
+        fused_writes.append(kwargs.get("kv_cache") is not None)
+        return real_rotary(*args, **kwargs)
+    monkeypatch.setattr(rotary_mod, "apply_rotary", rotary_spy)
     got = run_model(model, cfg, tokens, 2, "cpu", torch.float32)
+    assert fused_writes and all(fused_writes)  # every layer wrote K/V from the rotary kernel
     n_layers, steps = cfg.num_hidden_layers, 3
     # Per layer and step: two norms, one rotary, one SiLU-and-mul; plus the final norm.
     assert calls == {"rms_norm": steps * (2 * n_layers + 1), "apply_rotary": steps * n_layers,

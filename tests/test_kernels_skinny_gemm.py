@@ -297,7 +297,9 @@ def _model_logits(arch: str, path, dtype: torch.dtype, device: str, skinny: bool
     cfg = load_hf_config(src)
     model = load_model(src, cfg, dtype, device)
     with monkeypatch.context() as mp:
-        if skinny:
+        if not skinny:  # the path is on by default on CUDA
+            mp.setenv(fused_kernels.SKINNY_GEMM_ENV, "0")
+        else:
             mp.setattr(fused_kernels, "use_skinny_gemm",
                        lambda x: x.shape[0] <= fused_kernels.SKINNY_MAX_TOKENS)
             if calls is not None:

@@ -65,5 +65,7 @@ class AttentionBackend(Protocol):
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
-        """`forward` for a layer that has already written this step's k, v into kv_cache."""
+        """`forward` for a layer that has already written this step's k, v into kv_cache.
+
+        Optional: a layer falls back to `forward` for a backend without it."""
         ...

@@ -87,7 +87,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(torch.nn.Module):
     """Computes cos/sin for token positions and rotates q/k `[T, H, D]` with them.
 
-    `rotate` is the per-layer entry point: on CUDA (see `fused_kernels`) one
+    `rotate` (or `rotate_and_write_kv`, which also stores k/v into the KV cache in
+    the same launch) is the per-layer entry point: on CUDA (see `fused_kernels`) one
     Triton kernel computes cos/sin itself and rotates q and k in place
     (after Qwen3's per-head q/k norms, fused); the torch path uses cos/sin
     from `cos_sin`, computed from the positions once per model forward
@@ -163,7 +164,7 @@ class RotaryEmbedding(torch.nn.Module):
         """`rotate`, and store the rotated k and v into `kv_cache` at `slot_mapping`, in one
         kernel launch; returns the rotated q (k is rotated in place too), or None, having
         done nothing, when the kernel path does not apply (the caller then rotates and
-        writes separately)."""
+        writes separately). Bad shapes raise as in `apply_rotary`."""
         if not (self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm)
                 and kv_cache.stride(-1) == 1):
             return None

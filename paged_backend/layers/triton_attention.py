@@ -1,6 +1,8 @@
 """`AttentionBackend` on Triton kernels over the paged cache (CUDA).
 
-Per layer: one kernel writes the new tokens' K/V into their slots, then a
+Per layer: `forward` writes the new tokens' K/V into their slots with one kernel
+(the Llama family's layers instead have the rotary kernel store them and call
+`attend`, which starts here), then a
 batch of pure decode rows runs the split-KV decode kernel (query heads of a
 KV head packed into one `tl.dot`, partial results merged by log-sum-exp),
 and any other batch (prefill, chunked prefill, prefix hits, mixed) runs the

@@ -110,11 +110,16 @@ class LlamaAttention(torch.nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # On the kernel path one launch rotates q/k and writes k/v into the cache.
-        q_rot = self.rotary_emb.rotate_and_write_kv(positions, q, k, v, kv_cache,
-                                                    meta.slot_mapping, self.q_norm, self.k_norm)
+        # On the kernel path one launch rotates q/k and writes k/v into the cache, and the
+        # backend only attends (a backend without `attend` gets the separate write).
+        attend = getattr(self.attn_backend, "attend", None)
+        q_rot = None
+        if attend is not None:
+            q_rot = self.rotary_emb.rotate_and_write_kv(positions, q, k, v, kv_cache,
+                                                        meta.slot_mapping, self.q_norm,
+                                                        self.k_norm)
         if q_rot is not None:
-            out = self.attn_backend.attend(q_rot, kv_cache, meta, self.scale)
+            out = attend(q_rot, kv_cache, meta, self.scale)
         else:
             q, k = self.rotary_emb.rotate(positions, q, k, self.q_norm, self.k_norm,
                                           cos_sin=cos_sin)
@@ -159,7 +164,7 @@ class LlamaDecoderLayer(torch.nn.Module):
                         meta: AttentionMetadata,
                         cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                         ) -> tuple[torch.Tensor, None]:
-        """Small batches: four GEMMs with the norms, SiLU-and-mul and residual adds fused in.
+        """One-token forwards: four GEMMs with the norms, SiLU-and-mul and residual adds fused in.
 
         Returns `(stream, None)`: the residual stream itself, updated in place (the next
         layer reads a None residual as "hidden is the whole stream").
