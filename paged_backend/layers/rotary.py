@@ -142,14 +142,7 @@ class RotaryEmbedding(torch.nn.Module):
         `cos_sin` when given (else computing it).
         """
         if self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm):
-            from paged_backend.kernels.rotary import apply_rotary
-
-            norm = q_norm if q_norm is not None else k_norm
-            return apply_rotary(
-                q, k, positions, self.inv_freq,
-                q_norm.weight if q_norm is not None else None,
-                k_norm.weight if k_norm is not None else None,
-                eps=norm.eps if norm is not None else 1e-6)
+            return self._kernel_rotate(positions, q, k, q_norm, k_norm)
         if q_norm is not None:
             q = q_norm(q)
         if k_norm is not None:
@@ -168,16 +161,22 @@ class RotaryEmbedding(torch.nn.Module):
         if not (self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm)
                 and kv_cache.stride(-1) == 1):
             return None
+        q, _ = self._kernel_rotate(positions, q, k, q_norm, k_norm,
+                                   v=v, kv_cache=kv_cache, slot_mapping=slot_mapping)
+        return q
+
+    def _kernel_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm],
+                       **kv_write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton kernel's in-place rotation (plus the KV write when given `kv_write`)."""
         from paged_backend.kernels.rotary import apply_rotary
 
         norm = q_norm if q_norm is not None else k_norm
-        q, _ = apply_rotary(
+        return apply_rotary(
             q, k, positions, self.inv_freq,
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
-            eps=norm.eps if norm is not None else 1e-6,
-            v=v, kv_cache=kv_cache, slot_mapping=slot_mapping)
-        return q
+            eps=norm.eps if norm is not None else 1e-6, **kv_write)
 
     def _kernel_norms_ok(self, q: torch.Tensor, q_norm: Optional[RMSNorm],
                          k_norm: Optional[RMSNorm]) -> bool:
