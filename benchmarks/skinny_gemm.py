@@ -4,8 +4,8 @@ For each decode-layer GEMM of Qwen3-0.6B and Llama-3-8B and each M it times, per
   linear   F.linear alone (cuBLAS)
   skinny   skinny_gemm alone (same math)
   unfused  the sequence the fused kernel replaces, with the repo's Triton kernels:
-           rms_norm + F.linear (qkv, gate_up), F.linear + add_ (o_proj),
-           silu_and_mul + F.linear + add_ (down)
+           rms_norm + F.linear (qkv, LM head), rms_norm + F.linear + silu_and_mul
+           (gate_up), F.linear + add_ (o_proj, down)
   fused    skinny_gemm with that prologue / epilogue
 Each is a CUDA graph of `--calls` back-to-back calls, replayed `reps` times (median per
 replay). Call i reads weight copy i % copies, with enough copies (up to `--calls`) to span
@@ -31,12 +31,15 @@ import time
 SHAPES = {
     "qwen3_qkv": (4096, 1024, "norm"),
     "qwen3_o": (1024, 2048, "add"),
-    "qwen3_gate_up": (6144, 1024, "norm"),
-    "qwen3_down": (1024, 3072, "silu_add"),
+    "qwen3_gate_up": (6144, 1024, "norm_silu"),
+    "qwen3_down": (1024, 3072, "add"),
     "llama3_qkv": (6144, 4096, "norm"),
     "llama3_o": (4096, 4096, "add"),
-    "llama3_gate_up": (28672, 4096, "norm"),
-    "llama3_down": (4096, 14336, "silu_add"),
+    "llama3_gate_up": (28672, 4096, "norm_silu"),
+    "llama3_down": (4096, 14336, "add"),
+    # The LM head of a one-token step, with the final RMSNorm in front.
+    "qwen3_lm_head": (151936, 1024, "norm"),
+    "llama3_lm_head": (128256, 4096, "norm"),
 }
 M_VALUES = [1, 2, 4, 8, 16, 32, 64]
 L2_SPAN_BYTES = 150 * 2 ** 20
@@ -104,9 +107,8 @@ class Case:
         copies = max(1, min(calls, math.ceil(L2_SPAN_BYTES / self.weight_bytes)))
         w = (torch.randn(n, k, generator=gen, device="cuda") / k ** 0.5).to(dtype)
         self.weights = [w] + [w.clone() for _ in range(copies - 1)]
-        k_in = 2 * k if self.variant.startswith("silu") else k
         self.x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-        self.x_in = torch.randn(m, k_in, generator=gen, device="cuda").to(dtype)
+        self.x_in = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         self.norm_weight = (1 + 0.1 * torch.randn(k, generator=gen, device="cuda")).to(dtype)
         self.residual = torch.randn(m, n, generator=gen, device="cuda").to(dtype)
 
@@ -116,9 +118,9 @@ class Case:
     def fused_kwargs(self) -> dict:
         if self.variant == "norm":
             return {"norm_weight": self.norm_weight, "eps": EPS}
-        if self.variant == "add":
-            return {"add_to": self.residual}
-        return {"silu_mul": True, "add_to": self.residual}
+        if self.variant == "norm_silu":
+            return {"norm_weight": self.norm_weight, "eps": EPS, "silu_mul": True}
+        return {"add_to": self.residual}
 
     def linear(self, i: int) -> None:
         import torch.nn.functional as F
@@ -138,10 +140,10 @@ class Case:
 
         if self.variant == "norm":
             F.linear(rms_norm(self.x_in, self.norm_weight, EPS), self.weight(i))
-        elif self.variant == "add":
-            self.residual.add_(F.linear(self.x_in, self.weight(i)))
+        elif self.variant == "norm_silu":
+            silu_and_mul(F.linear(rms_norm(self.x_in, self.norm_weight, EPS), self.weight(i)))
         else:
-            self.residual.add_(F.linear(silu_and_mul(self.x_in), self.weight(i)))
+            self.residual.add_(F.linear(self.x_in, self.weight(i)))
 
     def fused(self, i: int, **config) -> None:
         from paged_backend.kernels.skinny_gemm import skinny_gemm
@@ -166,9 +168,11 @@ def config_str(case: Case, fused: bool, dtype) -> str:
 
     from paged_backend.kernels.skinny_gemm import skinny_gemm_config
 
-    cfg = skinny_gemm_config(case.m, case.n, case.k, torch.finfo(dtype).bits // 8,
-                             norm=fused and case.variant == "norm",
-                             silu_mul=fused and case.variant.startswith("silu"),
+    silu = fused and case.variant.endswith("silu")
+    cfg = skinny_gemm_config(case.m, case.n // 2 if silu else case.n, case.k,
+                             torch.finfo(dtype).bits // 8,
+                             norm=fused and case.variant.startswith("norm"),
+                             silu_mul=silu,
                              num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
     path = "dot" if cfg.use_dot else "bcast"
     return (f"{path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "

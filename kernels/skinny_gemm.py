@@ -1,30 +1,39 @@
-"""Triton "skinny" GEMM for small batches: `y = prologue(x) @ weight.T (+ bias)`, M <= 64.
+"""Triton "skinny" GEMM for small batches: `y = epilogue(prologue(x) @ weight.T)`, M <= 64.
 
 Decode steps multiply a few token rows by a large weight, so the kernel is a
-weight stream: the grid runs over blocks of BLOCK_N output columns only (no
-split-K), every program reads its `[BLOCK_N, K]` slice of the weight once and
-all M input rows (tiny, served from L2). That leaves each program the whole
-K reduction in its fp32 accumulator, so the neighbouring elementwise work
-fuses for free:
+weight stream: output tiles of BLOCK_N columns (no split-K), each computed by
+reading its `[BLOCK_N, K]` slice of the weight once and all M input rows (tiny,
+served from L2). Each tile holds its whole K reduction in an fp32 accumulator,
+so the neighbouring elementwise work fuses for free:
 
 - prologue `norm_weight`: the input rows are RMSNorm'ed on the fly with HF's
   LlamaRMSNorm numerics (fp32 sum of squares, `x * rsqrt(mean + eps)` rounded
-  to the dtype, times the weight, rounded again). Each program recomputes the
-  rows' sums of squares in a first pass over x, so no separate norm kernel
-  (and no normed copy of x) is needed.
-- prologue `silu_mul`: x is `[M, 2K]` = `[gate | up]`; the GEMM input is
-  `silu(gate) * up` in fp32, rounded to the dtype (kernels/activation.py).
+  to the dtype, times the weight, rounded again). Each program computes the
+  rows' 1/rms in a first pass over x: no separate norm kernel and no normed
+  copy of x.
+- epilogue `silu_mul`: the weight is a fused gate/up projection `[2N, K]`; a tile
+  accumulates BLOCK_N gate and the matching BLOCK_N up columns and stores
+  `silu(gate) * up` (kernels/activation.py numerics), `[M, N]`.
 - epilogue: `+ bias` in fp32; with `add_to`, `add_to += y` in place, summed in
   fp32 from the accumulator and rounded once (the unfused `F.linear` + add
   rounds twice).
 
+The grid has one program per tile by default. With `num_programs` below the
+tile count, programs are persistent: program p walks tiles p, p + P, ... in
+one flat loop over (tile, K step), which keeps the weight loads pipelined
+across tiles and computes 1/rms once per program. On the H100 that lost with
+PDL (llama3-8b one-token decode 154 tok/s against 171 for one program per
+tile): early-launched programs of a PDL kernel land unevenly on the SMs that
+free up first, and a persistent grid cannot rebalance.
+
 Two inner products: for M <= 4 a broadcast-multiply-reduce on the CUDA cores
-(BLOCK_M = M rounded up to a power of two, BLOCK_N down to 4), else `tl.dot`
-on the tensor cores with BLOCK_M = max(16, next_pow2(M)). The K loop is a
-`tl.range(..., num_stages=...)`, which asks Triton to software-pipeline every
-load in it (not only the dot operands). Launch configs come from
-`skinny_gemm_config` (heuristic documented there) and can be overridden per
-call for tuning. No host syncs: launches are CUDA-graph capturable.
+(BLOCK_M = M rounded up to a power of two), else `tl.dot` on the tensor cores
+with BLOCK_M = max(16, next_pow2(M)). The loop is a `tl.range(...,
+num_stages=...)`, which asks Triton to software-pipeline every load in it (not
+only the dot operands). Launch configs come from `skinny_gemm_config` (heuristic
+documented there) and can be overridden per call for tuning. No host syncs:
+launches are CUDA-graph capturable, and the output does not depend on the
+number of programs.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True, slots=True)
 class SkinnyGemmConfig:
-    """Launch parameters of one skinny-GEMM call."""
+    """Launch parameters of one skinny-GEMM call (`block_n` counts output columns)."""
 
     block_m: int
     block_n: int
@@ -74,26 +83,25 @@ def _clamp(v: int, lo: int, hi: int) -> int:
 def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = False,
                        silu_mul: bool = False, num_sms: int = DEFAULT_NUM_SMS,
                        use_dot: Optional[bool] = None) -> SkinnyGemmConfig:
-    """The default launch config for an `[m, k] @ [n, k].T` call (k = the GEMM's K).
+    """The default launch config for an `[m, k] @ W.T` call with n output columns.
 
-    `use_dot` forces the inner-product path (the broadcast path takes m <= 16); the rest of
-    the config then follows the same rules. Tuned for 16-bit dtypes; float32 works but its
-    larger tiles are not tuned (the tensor-core path then runs exact fp32 FMAs).
+    W is `[n, k]`, or `[2n, k]` with `silu_mul` (each tile then reads BLOCK_N gate and
+    BLOCK_N up rows). `use_dot` forces the inner-product path (the broadcast path takes
+    m <= 16); the rest of the config then follows the same rules. Tuned for 16-bit dtypes;
+    float32 works but its larger tiles are not tuned (tl.dot then runs exact fp32 FMAs).
 
-    Heuristic (an H100 has 132 SMs and wants ~2 MB of loads in flight; register and shared
-    memory figures are from compiling for sm_90 with ptxas):
+    Heuristic (an H100 has 132 SMs and wants a few MB of loads in flight):
     - path: broadcast-reduce for m <= 4, else `tl.dot` with BLOCK_M = max(16, next_pow2(m)).
-    - BLOCK_N: aim for >= 2 programs per SM, i.e. the largest power of two <= n / (2 * SMs),
-      clamped to [4, 8] (broadcast: on llama3-8b's gate_up, 8 x 1024 tiles stream at 3.0 TB/s,
-      32 x 256 at 2.3) or [16, 64] (dot; at least 32 when BLOCK_M = 64, since
-      every program re-reads all of x from L2: that traffic is M / BLOCK_N times the weight's).
-    - BLOCK_K: a weight tile of ~16 KB (BLOCK_N * BLOCK_K * elem_bytes), capped by registers
-      at 64 fp32 values per thread: broadcast BLOCK_M * BLOCK_N * BLOCK_K (the product), dot
-      BLOCK_M * BLOCK_K (the x tile), counted 2x with a norm and 4x with a SiLU prologue
-      (their fp32 temporaries spill otherwise), and by next_pow2(k); at least 16 (dot) or 32.
-    - num_warps 4; num_stages: the K loop's trip count, capped at 4 and by ~96 KB of shared
-      memory for the staged x and weight tiles (so two programs fit on an SM); 1 for a
-      single trip.
+    - weight rows per tile: the largest power of two <= rows / (2 * SMs), clamped to [4, 8]
+      (broadcast: on llama3-8b's gate_up, 8 x 1024 tiles stream at 3.0 TB/s, 32 x 256 at 2.3)
+      or [16, 64] (dot; at least 32 when BLOCK_M = 64, since every tile re-reads all of x
+      from L2). BLOCK_N is that, halved with `silu_mul`, and at least 16 for tl.dot.
+    - BLOCK_K: a weight tile of ~16 KB, capped by registers at 64 fp32 values per thread:
+      broadcast BLOCK_M * rows * BLOCK_K (the products), dot BLOCK_M * BLOCK_K (the x tile,
+      2x with a norm prologue), and by next_pow2(k); at least 16 (dot) or 32.
+    - one program per tile; num_warps 4; num_stages: the K loop's trip count, capped at 4
+      and by ~96 KB of shared memory for the staged x and weight tiles (so two programs fit
+      on an SM); 1 for a single trip.
     """
     assert 1 <= m <= MAX_M, m
     if use_dot is None:
@@ -101,21 +109,24 @@ def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = 
     assert use_dot or m <= BROADCAST_LIMIT_M, f"the broadcast path takes <= {BROADCAST_LIMIT_M} rows"
     num_warps = 4
     budget = 64 * 32 * num_warps  # fp32 values in registers
+    halves = 2 if silu_mul else 1
     if use_dot:
         block_m = max(16, triton.next_power_of_2(m))
         lo, hi = (32 if block_m >= 64 else 16), 64
     else:
         block_m = triton.next_power_of_2(m)
         lo, hi = 4, 8
-    block_n = _clamp(_pow2_floor(n // (2 * num_sms)), lo, hi)
-    block_k = 16384 // (block_n * elem_bytes)
+    rows = _clamp(_pow2_floor(n * halves // (2 * num_sms)), lo, hi)
+    block_n = max(rows // halves, 16 if use_dot else 1)
+    rows = block_n * halves
+    block_k = 16384 // (rows * elem_bytes)
     if use_dot:
-        block_k = min(block_k, budget // (block_m * (4 if silu_mul else 2 if norm else 1)))
+        block_k = min(block_k, budget // (block_m * (2 if norm else 1)))
     else:
-        block_k = min(block_k, budget // (block_m * block_n))
+        block_k = min(block_k, budget // (block_m * rows))
     min_k = 16 if use_dot else 32
     block_k = _clamp(_pow2_floor(block_k), min_k, max(min_k, triton.next_power_of_2(k)))
-    stage_bytes = (block_m * (2 if silu_mul else 1) + block_n) * block_k * elem_bytes
+    stage_bytes = (block_m + rows) * block_k * elem_bytes
     trips = triton.cdiv(k, block_k)
     num_stages = 1 if trips == 1 else _clamp(min(trips, 98304 // stage_bytes), 2, 4)
     return SkinnyGemmConfig(block_m, block_n, block_k, num_warps, num_stages, use_dot)
@@ -137,17 +148,11 @@ def _x_mask(mask_m, ks, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_a(x_rows, nw_ptr, ks, mask, rstd, K,
-            NORM: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_a(x_rows, nw_ptr, ks, mask, rstd, K, NORM: tl.constexpr, EVEN_K: tl.constexpr):
     """The GEMM input tile `[BLOCK_M, BLOCK_K]` of columns `ks`, prologue applied, in x's dtype."""
     dtype = x_rows.dtype.element_ty
-    ptrs = x_rows + ks[None, :]
-    if SILU_MUL:
-        gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
-        a = (gate * tl.sigmoid(gate) * up).to(dtype)
-    elif NORM:
-        xf = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        xf = tl.load(x_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         y = (xf * rstd[:, None]).to(dtype).to(tl.float32)
         if EVEN_K:
             nw = tl.load(nw_ptr + ks).to(tl.float32)
@@ -155,8 +160,21 @@ def _load_a(x_rows, nw_ptr, ks, mask, rstd, K,
             nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
         a = (y * nw[None, :]).to(dtype)
     else:
-        a = tl.load(ptrs, mask=mask, other=0.0)
+        a = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
     return a
+
+
+@triton.jit
+def _tile_product(acc, a, w_ptrs, mask, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """`acc + a @ w.T` for the weight tile at `w_ptrs` `[BLOCK_N, BLOCK_K]`."""
+    if MASKED:
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptrs)
+    if USE_DOT:
+        return tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
@@ -168,28 +186,39 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SILU_MUL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    # Persistent: program p computes output tiles p, p + P, p + 2P, ... (P programs), as one
+    # flat loop over (tile, K step) so that the weight stream stays pipelined across tiles.
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    total = tl.cdiv(num_tiles - pid, num_programs) * k_steps
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_bn = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x  # [BLOCK_M, 1]
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w  # [BLOCK_N, 1]
+    # With SILU_MUL the weight is [2N, K]: gate rows [0, N), up rows [N, 2N).
+    up_rows = N.to(tl.int64) * stride_w
     if PDL:
         if PREFETCH_LINES > 0:
-            # No kernel writes the weight: pull the first lines of this program's rows into L2
-            # while the previous kernel finishes (one address per LINE-element cache line).
+            # No kernel writes the weight: pull the first lines of this program's first tile
+            # into L2 while the previous kernel finishes (one address per cache line).
             pk = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE, K - 1)
-            rows = w_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_w
+            rows = w_ptr + tl.minimum(pid * BLOCK_N + offs_bn, N - 1)[:, None].to(tl.int64) * stride_w
             tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
                                       [rows + pk[None, :]], dtype=tl.int32, is_pure=False,
                                       pack=1)
+            if SILU_MUL:
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                          [rows + up_rows + pk[None, :]], dtype=tl.int32,
+                                          is_pure=False, pack=1)
         pdl_wait(PDL)
 
+    # The RMSNorm prologue's 1 / rms of each row, once per program.
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if NORM:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -201,27 +230,41 @@ def _skinny_gemm_kernel(
         rstd = tl.math.rsqrt(sum_sq / K + eps)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        ks = k0 + offs_k
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in tl.range(0, total, num_stages=NUM_STAGES):
+        step = it // k_steps
+        kk = it - step * k_steps
+        offs_n = (pid + step * num_programs) * BLOCK_N + offs_bn
+        ks = kk * BLOCK_K + offs_k
         xm = _x_mask(mask_m, ks, K, EVEN_K)
-        a = _load_a(x_rows, nw_ptr, ks, xm, rstd, K, NORM, SILU_MUL, EVEN_K)
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_rows + ks[None, :])
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & (ks[None, :] < K), other=0.0)
-        if USE_DOT:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        else:
-            prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            acc += tl.sum(prod, axis=2)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        a = _load_a(x_rows, nw_ptr, ks, xm, rstd, K, NORM, EVEN_K)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + ks[None, :]
+        w_mask = (offs_n[:, None] < N) & (ks[None, :] < K)
+        acc = _tile_product(acc, a, w_ptrs, w_mask, USE_DOT, DOT_PRECISION, MASK_W)
+        if SILU_MUL:
+            acc_up = _tile_product(acc_up, a, w_ptrs + up_rows, w_mask, USE_DOT, DOT_PRECISION,
+                                   MASK_W)
+        if kk == k_steps - 1:
+            mask_n = offs_n < N
+            y = acc
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if SILU_MUL:
+                up = acc_up
+                if HAS_BIAS:
+                    up += tl.load(bias_ptr + N + offs_n, mask=mask_n,
+                                  other=0.0).to(tl.float32)[None, :]
+                # silu_and_mul of the rounded projections (kernels/activation.py numerics).
+                gate = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+                up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+                y = gate * tl.sigmoid(gate) * up
+                acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :]
+            out_mask = mask_m[:, None] & mask_n[None, :]
+            if ACCUMULATE:
+                y += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
 
 def _check_vector(v: torch.Tensor, n: int, name: str) -> None:
@@ -233,29 +276,34 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 silu_mul: bool = False, add_to: Optional[torch.Tensor] = None,
                 block_n: Optional[int] = None, block_k: Optional[int] = None,
                 num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                use_dot: Optional[bool] = None) -> torch.Tensor:
-    """`prologue(x) @ weight.T (+ bias)` for x `[M, K_in]`, M <= 64, weight `[N, K]`.
+                use_dot: Optional[bool] = None,
+                num_programs: Optional[int] = None) -> torch.Tensor:
+    """`epilogue(prologue(x) @ weight.T + bias)` for x `[M, K]`, M <= 64, weight `[N_w, K]`.
 
     x (any row stride, contiguous last dim) and weight (contiguous last dim) share one
-    dtype of bfloat16 / float16 / float32; bias `[N]` and norm_weight `[K]` are contiguous.
-    Prologue: with `norm_weight`, x `[M, K]` is RMSNorm'ed first (HF LlamaRMSNorm numerics,
-    `eps`); with `silu_mul=True`, x is `[M, 2K]` = `[gate | up]` and the input is
-    `silu(gate) * up` (fp32, rounded to the dtype). At most one of the two.
-    Epilogue: with `add_to` (`[M, N]`, x's dtype, contiguous), `add_to += y` IN PLACE,
-    summed in fp32 and rounded once, and `add_to` is returned; else a new `[M, N]` tensor.
-    `block_n`, `block_k`, `num_warps`, `num_stages`, `use_dot` override the defaults of
-    `skinny_gemm_config` (for tuning).
+    dtype of bfloat16 / float16 / float32; bias `[N_w]` and norm_weight `[K]` are contiguous.
+    Prologue: with `norm_weight`, x is RMSNorm'ed first (HF LlamaRMSNorm numerics, `eps`).
+    Output: `[M, N_w]`; with `silu_mul=True` the weight is a fused gate/up projection
+    (`[2N, K]`, gate rows first) and the output is `silu_and_mul` of the product, `[M, N]`
+    (each projection rounded to the dtype, then `silu(gate) * up` in fp32, rounded once).
+    With `add_to` (`[M, N_w]`, x's dtype, contiguous; not with `silu_mul`),
+    `add_to += y` IN PLACE, summed in fp32 and rounded once, and `add_to` is returned.
+    `block_n` (output columns per tile), `block_k`, `num_warps`, `num_stages`, `use_dot`
+    override the defaults of `skinny_gemm_config`; `num_programs` below the tile count
+    makes the programs persistent (see the module docstring). For tuning and tests.
     """
-    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K_in] with a contiguous last dim"
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with a contiguous last dim"
     assert weight.dim() == 2 and weight.stride(1) == 1, "weight must be [N, K], row-major"
     assert x.dtype in _DTYPES and weight.dtype == x.dtype, (x.dtype, weight.dtype)
-    assert not (silu_mul and norm_weight is not None), "norm_weight and silu_mul exclude each other"
+    assert not (silu_mul and add_to is not None), "add_to does not combine with silu_mul"
     m, k_in = x.shape
-    n, k = weight.shape
+    n_w, k = weight.shape
     assert m <= MAX_M, f"skinny_gemm takes at most {MAX_M} rows, got {m}"
-    assert k_in == (2 * k if silu_mul else k), f"x has {k_in} columns for a weight of K={k}"
+    assert k_in == k, f"x has {k_in} columns for a weight of K={k}"
+    assert not silu_mul or n_w % 2 == 0, f"silu_mul needs an even number of weight rows, got {n_w}"
+    n = n_w // 2 if silu_mul else n_w
     if bias is not None:
-        _check_vector(bias, n, "bias")
+        _check_vector(bias, n_w, "bias")
     if norm_weight is not None:
         _check_vector(norm_weight, k, "norm_weight")
     if add_to is not None:
@@ -268,10 +316,12 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if m == 0 or n == 0:
         return out
     if k == 0:
-        # An empty reduction: y is the bias (or zero), like F.linear.
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+        # An empty reduction: the product is the bias (or zero), like F.linear.
+        y = torch.zeros((m, n_w), dtype=torch.float32, device=x.device)
         if bias is not None:
             y += bias.float()
+        if silu_mul:
+            y = silu_and_mul_ref(y.to(x.dtype)).float()
         if add_to is not None:
             y += add_to.float()
         return out.copy_(y)
@@ -281,6 +331,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     cfg = replace(cfg, block_n=block_n or cfg.block_n, block_k=block_k or cfg.block_k,
                   num_warps=num_warps or cfg.num_warps,
                   num_stages=cfg.num_stages if num_stages is None else num_stages)
+    tiles = triton.cdiv(n, cfg.block_n)
+    programs = min(tiles, num_programs or tiles)
     if cfg.use_dot:
         assert cfg.block_n >= 16 and cfg.block_k >= 16, "tl.dot needs BLOCK_N, BLOCK_K >= 16"
 
@@ -290,7 +342,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     prefetch_lines = min(triton.next_power_of_2(triton.cdiv(k, line)),
                          max(1, 2 * cfg.block_k // line)) if pdl else 0
     dummy = weight  # stands in for absent optional pointers (never read)
-    _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n),)](
+    _skinny_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy, out,
         m, n, k,
@@ -300,8 +352,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         NUM_STAGES=cfg.num_stages, USE_DOT=cfg.use_dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, SILU_MUL=silu_mul,
-        ACCUMULATE=add_to is not None,
-        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0,
+        ACCUMULATE=add_to is not None, EVEN_K=k % cfg.block_k == 0,
+        MASK_W=not (k % cfg.block_k == 0 and n % cfg.block_n == 0),
         PDL=pdl, PREFETCH_LINES=prefetch_lines, LINE=line,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_kwargs(pdl),
     )
@@ -313,18 +365,19 @@ def skinny_gemm_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     silu_mul: bool = False, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain-torch `skinny_gemm` with the kernel's numerics (any M).
 
-    The prologue is `rms_norm_ref` / `silu_and_mul_ref` (rounded to the dtype); the product,
-    bias and `add_to` sum are float32, rounded once. Like the kernel, `add_to` is updated
-    in place and returned.
+    The prologue is `rms_norm_ref` (rounded to the dtype); the product and bias are float32;
+    `silu_mul` rounds both projections to the dtype and applies `silu_and_mul_ref`; the
+    `add_to` sum is float32, rounded once. Like the kernel, `add_to` is updated in place
+    and returned.
     """
     a = x
     if norm_weight is not None:
         a = rms_norm_ref(x, norm_weight, eps)
-    elif silu_mul:
-        a = silu_and_mul_ref(x)
     y = a.float() @ weight.float().T
     if bias is not None:
         y = y + bias.float()
+    if silu_mul:
+        return silu_and_mul_ref(y.to(x.dtype))
     if add_to is not None:
         return add_to.copy_(add_to.float() + y)
     return y.to(x.dtype)

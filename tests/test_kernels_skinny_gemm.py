@@ -1,5 +1,5 @@
-"""The small-M Triton GEMM (`skinny_gemm`, with its RMSNorm / SiLU-and-mul prologues and
-bias / in-place residual epilogue) against its torch reference.
+"""The small-M Triton GEMM (`skinny_gemm`, with its RMSNorm prologue and bias / SiLU-and-mul /
+in-place residual epilogues) against its torch reference.
 
 Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set before
 the kernel module is imported) on tiny float32/float16 shapes with non-power-of-two N and K,
@@ -49,8 +49,9 @@ VARIANTS = {
     "norm": (True, False, False, False),
     "norm_bias": (True, False, True, False),
     "silu": (False, True, False, False),
+    "norm_silu": (True, True, False, False),
+    "norm_bias_silu": (True, True, True, False),
     "add": (False, False, False, True),
-    "silu_add": (False, True, False, True),
     "norm_bias_add": (True, False, True, True),
 }
 
@@ -70,12 +71,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def make_inputs(m: int, n: int, k: int, variant: str, dtype: torch.dtype, device: str = "cpu",
                 seed: int = 0, row_pad: int = 0, weight: Optional[torch.Tensor] = None):
     """(x, weight, kwargs) for `skinny_gemm(x, weight, **kwargs)`; x may have a padded row
-    stride. A given `weight` is used as is (the big GPU weights are made once per shape)."""
+    stride. The weight has n rows (the output has n / 2 columns with silu_mul). A given
+    `weight` is used as is (the big GPU weights are made once per shape)."""
     norm, silu, has_bias, add = VARIANTS[variant]
     gen = torch.Generator().manual_seed(seed)
-    k_in = 2 * k if silu else k
-    base = (1.5 * torch.randn(m, k_in + row_pad, generator=gen)).to(device=device, dtype=dtype)
-    x = base[:, :k_in]
+    base = (1.5 * torch.randn(m, k + row_pad, generator=gen)).to(device=device, dtype=dtype)
+    x = base[:, :k]
     if weight is None:
         weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device=device, dtype=dtype)
     kwargs: dict = {}
@@ -115,14 +116,14 @@ def check(m: int, n: int, k: int, variant: str, dtype: torch.dtype, tol, device:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
-@pytest.mark.parametrize("n,k", [(100, 72), (37, 24)])
+@pytest.mark.parametrize("n,k", [(100, 72), (74, 24)])  # ragged N; 37 outputs with silu_mul
 def test_skinny_gemm_interpreter(n, k, m, variant, dtype):
     check(m, n, k, variant, dtype, CPU_TOL[dtype], seed=m + n)
 
 
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "silu_add"])
+@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "norm_bias_silu"])
 @pytest.mark.parametrize("m,n,k,config", [
     (1, 100, 72, dict(block_n=8, block_k=32, num_stages=2)),  # 3 K trips, ragged K and N
     (3, 64, 128, dict(block_n=16, block_k=32, num_stages=3)),  # even K and N, unmasked loads
@@ -130,6 +131,10 @@ def test_skinny_gemm_interpreter(n, k, m, variant, dtype):
     (16, 48, 80, dict(use_dot=False, block_n=4, block_k=32)),  # broadcast path for M = 16
     (33, 50, 200, dict(block_n=16, block_k=64, num_stages=4)),  # BLOCK_M = 64, ragged K
     (64, 32, 64, dict(block_n=32, block_k=16)),  # M = MAX_M, even everything
+    # Persistent programs walking several tiles (a ragged last one) of several K steps.
+    (1, 100, 72, dict(block_n=4, block_k=32, num_programs=3)),
+    (5, 96, 64, dict(block_n=16, block_k=16, num_programs=2, num_stages=3)),
+    (3, 60, 40, dict(block_n=4, block_k=32, num_programs=1, num_stages=1)),
 ])
 def test_skinny_gemm_interpreter_configs(m, n, k, config, variant, dtype):
     check(m, n, k, variant, dtype, CPU_TOL[dtype], seed=k, row_pad=8 if m % 2 else 0, **config)
@@ -148,7 +153,11 @@ def test_skinny_gemm_interpreter_empty_and_errors():
     with pytest.raises(AssertionError):
         skinny_gemm(torch.randn(MAX_M + 1, 16), w)
     with pytest.raises(AssertionError):
-        skinny_gemm(torch.randn(2, 16), w, silu_mul=True)  # silu_mul needs [M, 2K]
+        skinny_gemm(torch.randn(2, 32), w)  # K mismatch
+    with pytest.raises(AssertionError):
+        skinny_gemm(torch.randn(2, 16), torch.randn(7, 16), silu_mul=True)  # odd gate/up rows
+    with pytest.raises(AssertionError):
+        skinny_gemm(torch.randn(2, 16), w, silu_mul=True, add_to=torch.randn(2, 4))
     with pytest.raises(AssertionError):
         skinny_gemm(torch.randn(2, 32), w.half())  # dtype mismatch
     with pytest.raises(AssertionError):
@@ -172,8 +181,8 @@ def test_skinny_gemm_ref_is_the_unfused_sequence(dtype):
 
     tol = CPU_TOL[dtype]
     close(skinny_gemm_ref(x, w, b, norm_weight=nw), linear(rms_norm_ref(x, nw, 1e-6)), tol)
-    gate_up = torch.randn(5, 128, generator=gen).to(dtype)
-    close(skinny_gemm_ref(gate_up, w, b, silu_mul=True), linear(silu_and_mul_ref(gate_up)), tol)
+    close(skinny_gemm_ref(x, w, b, norm_weight=nw, silu_mul=True),
+          silu_and_mul_ref(linear(rms_norm_ref(x, nw, 1e-6))), tol)
     out = skinny_gemm_ref(x, w, b, add_to=res.clone())
     close(out, (res.float() + linear(x).float()).to(dtype), (2 * tol[0], 2 * tol[1]))
 
@@ -201,12 +210,12 @@ def test_config_heuristic_limits():
 GPU_SHAPES = {
     "qwen3_qkv": ((4096, 1024), ["norm", "norm_bias"]),
     "qwen3_o": ((1024, 2048), ["add"]),
-    "qwen3_gate_up": ((6144, 1024), ["norm"]),
-    "qwen3_down": ((1024, 3072), ["silu", "silu_add"]),
+    "qwen3_gate_up": ((6144, 1024), ["norm", "norm_silu"]),
+    "qwen3_down": ((1024, 3072), ["add"]),
     "llama3_qkv": ((6144, 4096), ["norm"]),
     "llama3_o": ((4096, 4096), ["add"]),
-    "llama3_gate_up": ((28672, 4096), ["norm"]),
-    "llama3_down": ((4096, 14336), ["silu_add"]),
+    "llama3_gate_up": ((28672, 4096), ["norm_silu"]),
+    "llama3_down": ((4096, 14336), ["add"]),
 }
 GPU_CASES = [(name, variant) for name, (_, fused) in GPU_SHAPES.items()
              for variant in ["plain"] + fused]
@@ -233,14 +242,14 @@ def test_skinny_gemm_gpu(name, variant, m, dtype):
 @pytest.mark.parametrize("config", [dict(use_dot=True), dict(use_dot=False, block_n=16),
                                     dict(block_n=64, block_k=128, num_stages=3, num_warps=8)])
 def test_skinny_gemm_gpu_config_overrides(config):
-    for variant in ("plain", "norm_bias_add", "silu_add"):
+    for variant in ("plain", "norm_bias_add", "norm_bias_silu"):
         check(8, 1000, 1000, variant, torch.bfloat16, GPU_TOL[torch.bfloat16], device="cuda",
               row_pad=16, **config)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 8, 33])
-@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "silu_add"])
+@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "norm_bias_silu"])
 def test_skinny_gemm_gpu_float32(variant, m):
     """float32 runs exact fp32 products on both paths (tl.dot with input_precision="ieee")."""
     check(m, 1000, 1024, variant, torch.float32, CPU_TOL[torch.float32], device="cuda", seed=m)
@@ -248,37 +257,37 @@ def test_skinny_gemm_gpu_float32(variant, m):
 
 @pytest.mark.gpu
 def test_skinny_gemm_cuda_graph():
-    """A decoder layer's norm+qkv and silu+down(+residual) captured once, replayed on new inputs."""
-    dtype, m, hidden, inter, qkv_n = torch.bfloat16, 8, 1024, 3072, 4096
+    """A decoder layer's norm+gate_up+SiLU-mul and down(+residual) captured once, replayed on
+    new inputs."""
+    dtype, m, hidden, inter = torch.bfloat16, 8, 1024, 3072
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def randn(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dtype)
 
-    w_qkv, w_down = randn(qkv_n, hidden, scale=hidden ** -0.5), randn(hidden, inter,
-                                                                      scale=inter ** -0.5)
+    w_gate_up = randn(2 * inter, hidden, scale=hidden ** -0.5)
+    w_down = randn(hidden, inter, scale=inter ** -0.5)
     nw = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cuda")).to(dtype)
-    x, gate_up, residual = randn(m, hidden), randn(m, 2 * inter), randn(m, hidden)
+    x, residual = randn(m, hidden), randn(m, hidden)
 
     def step():
-        qkv = skinny_gemm(x, w_qkv, norm_weight=nw, eps=1e-6)
-        skinny_gemm(gate_up, w_down, silu_mul=True, add_to=residual)
-        return qkv
+        act = skinny_gemm(x, w_gate_up, norm_weight=nw, eps=1e-6, silu_mul=True)
+        skinny_gemm(act, w_down, add_to=residual)
+        return act
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        qkv = step()
+        act = step()
     x.copy_(randn(m, hidden))
-    gate_up.copy_(randn(m, 2 * inter))
     residual.copy_(randn(m, hidden))
     residual_in = residual.clone()
     graph.replay()
     torch.cuda.synchronize()
     tol = GPU_TOL[dtype]
-    close(qkv, skinny_gemm_ref(x, w_qkv, norm_weight=nw, eps=1e-6), tol)
-    close(residual, skinny_gemm_ref(gate_up, w_down, silu_mul=True, add_to=residual_in), tol)
+    close(act, skinny_gemm_ref(x, w_gate_up, norm_weight=nw, eps=1e-6, silu_mul=True), tol)
+    close(residual, skinny_gemm_ref(act, w_down, add_to=residual_in), tol)
 
 
 # ------------------------------------------------------- the model's small-batch path

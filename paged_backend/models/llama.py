@@ -177,10 +177,9 @@ class LlamaDecoderLayer(torch.nn.Module):
                           norm_weight=ln1.weight, eps=ln1.eps)
         out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
         skinny_gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream)
-        gate_up = skinny_gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                              norm_weight=ln2.weight, eps=ln2.eps)
-        skinny_gemm(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, silu_mul=True,
-                    add_to=stream)
+        act = skinny_gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                          norm_weight=ln2.weight, eps=ln2.eps, silu_mul=True)
+        skinny_gemm(act, mlp.down_proj.weight, mlp.down_proj.bias, add_to=stream)
         return stream, None
 
 
