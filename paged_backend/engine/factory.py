@@ -159,7 +159,11 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     elif max_model_len > limit:
         raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's "
                          f"max_position_embeddings ({limit}).")
-    mnbt = args.max_num_batched_tokens if args.max_num_batched_tokens is not None else 8192
+    mnbt = args.max_num_batched_tokens
+    if mnbt is None:
+        # GPUs: 16384-token steps (nano-vllm's default) run prefill GEMMs nearer peak; on the
+        # H100 they beat 8192 by 1.4% (llama3-8b) and 2.0% (qwen3-0.6b) on bench-256.
+        mnbt = 16384 if device.type == "cuda" else 8192
     cfg = EngineConfig(max_model_len=max_model_len, block_size=args.block_size,
                        num_kv_blocks=args.num_kv_blocks,
                        gpu_memory_utilization=args.gpu_memory_utilization,
