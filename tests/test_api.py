@@ -223,3 +223,13 @@ def test_beam_search_on_text_prompts(llm):
     best = outs[0].sequences[0]
     assert best.text.startswith("The capital of France is") and "Paris" in best.text
     assert_idle(llm)
+
+
+def test_default_step_budget(llm):
+    """Without `max_num_batched_tokens`, a step holds 8192 tokens on the CPU and 16384 on CUDA."""
+    import torch
+
+    from paged_backend.engine.factory import default_max_num_batched_tokens
+    assert llm.llm_engine.scheduler.max_num_batched_tokens == 8192
+    assert default_max_num_batched_tokens(torch.device("cpu")) == 8192
+    assert default_max_num_batched_tokens(torch.device("cuda", 0)) == 16384
