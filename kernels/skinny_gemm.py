@@ -20,8 +20,9 @@ so the neighbouring elementwise work fuses for free:
 
 The grid has one program per tile by default. With `num_programs` below the
 tile count, programs are persistent: program p walks tiles p, p + P, ... in
-one flat loop over (tile, K step), which keeps the weight loads pipelined
-across tiles and computes 1/rms once per program. On the H100 that lost with
+one flat loop over (tile, K step), which can keep the weight loads pipelined
+across tiles (the default num_stages counts K steps only: override it) and
+computes 1/rms once per program. On the H100 that lost with
 PDL (llama3-8b one-token decode 154 tok/s against 171 for one program per
 tile): early-launched programs of a PDL kernel land unevenly on the SMs that
 free up first, and a persistent grid cannot rebalance.
@@ -92,7 +93,8 @@ def skinny_gemm_config(m: int, n: int, k: int, elem_bytes: int, *, norm: bool = 
 
     Heuristic (an H100 has 132 SMs and wants a few MB of loads in flight):
     - path: broadcast-reduce for m <= 4, else `tl.dot` with BLOCK_M = max(16, next_pow2(m)).
-    - weight rows per tile: the largest power of two <= rows / (2 * SMs), clamped to [4, 8]
+    - weight rows per tile: the largest power of two <= W's rows (n, or 2n with `silu_mul`)
+      / (2 * SMs), clamped to [4, 8]
       (broadcast: on llama3-8b's gate_up, 8 x 1024 tiles stream at 3.0 TB/s, 32 x 256 at 2.3)
       or [16, 64] (dot; at least 32 when BLOCK_M = 64, since every tile re-reads all of x
       from L2). BLOCK_N is that, halved with `silu_mul`, and at least 16 for tl.dot.
@@ -202,7 +204,7 @@ def _skinny_gemm_kernel(
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_x  # [BLOCK_M, 1]
     # With SILU_MUL the weight is [2N, K]: gate rows [0, N), up rows [N, 2N).
-    up_rows = N.to(tl.int64) * stride_w
+    up_rows = tl.cast(N, tl.int64) * stride_w  # N == 1 arrives as a Python int
     if PDL:
         if PREFETCH_LINES > 0:
             # No kernel writes the weight: pull the first lines of this program's first tile
@@ -332,6 +334,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                   num_warps=num_warps or cfg.num_warps,
                   num_stages=cfg.num_stages if num_stages is None else num_stages)
     tiles = triton.cdiv(n, cfg.block_n)
+    assert num_programs is None or num_programs >= 1, f"num_programs must be >= 1, got {num_programs}"
     programs = min(tiles, num_programs or tiles)
     if cfg.use_dot:
         assert cfg.block_n >= 16 and cfg.block_k >= 16, "tl.dot needs BLOCK_N, BLOCK_K >= 16"

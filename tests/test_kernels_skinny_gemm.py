@@ -132,9 +132,9 @@ def test_skinny_gemm_interpreter(n, k, m, variant, dtype):
     (33, 50, 200, dict(block_n=16, block_k=64, num_stages=4)),  # BLOCK_M = 64, ragged K
     (64, 32, 64, dict(block_n=32, block_k=16)),  # M = MAX_M, even everything
     # Persistent programs walking several tiles (a ragged last one) of several K steps.
-    (1, 100, 72, dict(block_n=4, block_k=32, num_programs=3)),
-    (5, 96, 64, dict(block_n=16, block_k=16, num_programs=2, num_stages=3)),
-    (3, 60, 40, dict(block_n=4, block_k=32, num_programs=1, num_stages=1)),
+    (1, 102, 72, dict(block_n=4, block_k=32, num_programs=3)),
+    (5, 130, 64, dict(block_n=16, block_k=16, num_programs=2, num_stages=3)),
+    (3, 58, 40, dict(block_n=4, block_k=32, num_programs=1, num_stages=1)),
 ])
 def test_skinny_gemm_interpreter_configs(m, n, k, config, variant, dtype):
     check(m, n, k, variant, dtype, CPU_TOL[dtype], seed=k, row_pad=8 if m % 2 else 0, **config)
@@ -158,6 +158,8 @@ def test_skinny_gemm_interpreter_empty_and_errors():
         skinny_gemm(torch.randn(2, 16), torch.randn(7, 16), silu_mul=True)  # odd gate/up rows
     with pytest.raises(AssertionError):
         skinny_gemm(torch.randn(2, 16), w, silu_mul=True, add_to=torch.randn(2, 4))
+    with pytest.raises(AssertionError):
+        skinny_gemm(torch.randn(2, 16), w, num_programs=-1)
     with pytest.raises(AssertionError):
         skinny_gemm(torch.randn(2, 32), w.half())  # dtype mismatch
     with pytest.raises(AssertionError):
@@ -245,6 +247,21 @@ def test_skinny_gemm_gpu_config_overrides(config):
     for variant in ("plain", "norm_bias_add", "norm_bias_silu"):
         check(8, 1000, 1000, variant, torch.bfloat16, GPU_TOL[torch.bfloat16], device="cuda",
               row_pad=16, **config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "norm_bias_silu"])
+@pytest.mark.parametrize("m,n,config", [
+    (1, 2, {}),  # one output column (Triton specializes N == 1 to a constant)
+    (3, 1, {}),
+    (1, 1030, dict(num_programs=100)),  # persistent, ragged last tile, broadcast path
+    (8, 1030, dict(num_programs=7)),  # persistent, tl.dot path
+])
+def test_skinny_gemm_gpu_edge_shapes(m, n, config, variant):
+    if variant.endswith("silu") and n % 2:
+        pytest.skip("silu_mul needs an even number of weight rows")
+    check(m, n, 512, variant, torch.bfloat16, GPU_TOL[torch.bfloat16], device="cuda", seed=n,
+          **config)
 
 
 @pytest.mark.gpu

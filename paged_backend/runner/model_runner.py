@@ -30,11 +30,14 @@ import torch
 
 from paged_backend.engine.scheduler import SchedulerOutput
 from paged_backend.layers.attention import AttentionMetadata
-from paged_backend.layers.sampler import (Sampler, SamplingMetadata, SamplingRow,
-                                          compute_logprobs_tensors)
+from paged_backend.layers.sampler import (LogprobsTensors, Sampler, SamplingMetadata,
+                                          SamplingRow, compute_logprobs_tensors)
 from paged_backend.runner.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
+
+# Prompt logprobs are computed over at most this many positions at a time.
+_LOGPROB_ROWS = 2048
 
 # (token ids, logprobs, rank of the first id): column 0 is the chosen token, then the top-k.
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -453,9 +456,16 @@ class ModelRunner:
             handle.sampled = self._to_host(sampled)
 
         for req, c, st, cnt, k in prompt_lp:
-            logits = self.model.compute_logits(hidden[st:st + cnt])
             targets = self._to_device(req.prompt_token_ids[c + 1:c + 1 + cnt])
-            t = compute_logprobs_tensors(logits, targets, k)
+            # In slices: a step's [tokens, vocab] float32 logits would not be counted in the
+            # memory profile that sized the KV pool (16384 x 151936 x 4 B = 10 GB).
+            parts = [compute_logprobs_tensors(
+                self.model.compute_logits(hidden[st + i:st + min(cnt, i + _LOGPROB_ROWS)]),
+                targets[i:i + _LOGPROB_ROWS], k) for i in range(0, cnt, _LOGPROB_ROWS)]
+            t = parts[0] if len(parts) == 1 else LogprobsTensors(
+                token_ids=torch.cat([p.token_ids for p in parts]),
+                logprobs=torch.cat([p.logprobs for p in parts]),
+                ranks=torch.cat([p.ranks for p in parts]))
             handle.prompt_logprobs.append(
                 (req.request_id, (self._to_host(t.token_ids), self._to_host(t.logprobs),
                                   self._to_host(t.ranks)), cnt, k))
