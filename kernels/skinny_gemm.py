@@ -191,8 +191,8 @@ def _skinny_gemm_kernel(
     ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
     PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
 ):
-    # Persistent: program p computes output tiles p, p + P, p + 2P, ... (P programs), as one
-    # flat loop over (tile, K step) so that the weight stream stays pipelined across tiles.
+    # Program p computes output tiles p, p + P, p + 2P, ... (P programs; one tile each with
+    # the default grid) in one flat loop over (tile, K step).
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_tiles = tl.cdiv(N, BLOCK_N)
@@ -210,7 +210,8 @@ def _skinny_gemm_kernel(
             # No kernel writes the weight: pull the first lines of this program's first tile
             # into L2 while the previous kernel finishes (one address per cache line).
             pk = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE, K - 1)
-            rows = w_ptr + tl.minimum(pid * BLOCK_N + offs_bn, N - 1)[:, None].to(tl.int64) * stride_w
+            first = tl.minimum(pid * BLOCK_N + offs_bn, N - 1)
+            rows = w_ptr + first[:, None].to(tl.int64) * stride_w
             tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
                                       [rows + pk[None, :]], dtype=tl.int32, is_pure=False,
                                       pack=1)
