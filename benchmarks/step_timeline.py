@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--bench-dir", default="../shared/bench")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="run the workload this many times")
+    ap.add_argument("--gc", choices=["on", "freeze", "off"], default="on",
+                    help="Python GC during the timed run: as is, frozen after warm-up, or disabled")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.bench_dir))
     import torch
@@ -48,6 +50,12 @@ def main() -> None:
         rows.append((len(out.scheduled), out.num_batched_tokens))
         return out
     eng.scheduler.schedule = schedule
+    if a.gc != "on":
+        import gc
+        gc.collect()
+        gc.freeze()
+        if a.gc == "off":
+            gc.disable()
     for rep in range(a.repeat):
         llm.reset_prefix_cache()
         rows.clear()
@@ -80,6 +88,18 @@ def report(a, reqs, rows, stamps, t0, total) -> None:
     for k in sorted(groups):
         n, t, s = groups[k]
         print(f"  {k:<14} steps {n:5d}  {t:6.2f} s  {t / n * 1e3:7.2f} ms/step  avg seqs {s / n:6.1f}")
+    # Outliers: decode steps over twice their batch bucket's median (GC pauses, recompiles).
+    by_key = collections.defaultdict(list)
+    for i, (nseq, ntok) in enumerate(rows):
+        if ntok == nseq:
+            by_key[min(256, 1 << (max(nseq, 1) - 1).bit_length())].append(i)
+    spikes = []
+    for idx in by_key.values():
+        med = sorted(durs[i] for i in idx)[len(idx) // 2]
+        spikes += [(i, durs[i] - med) for i in idx if durs[i] > 2 * med]
+    print(f"  decode spikes (> 2x bucket median): {len(spikes)}, "
+          f"{sum(e for _, e in spikes) * 1e3:.1f} ms over the medians; first 20 (index, ms, seqs):",
+          [(i, round(durs[i] * 1e3, 1), rows[i][0]) for i, _ in sorted(spikes)[:20]])
     slow = sorted(range(len(durs)), key=lambda i: -durs[i])[:6]
     print("  slowest steps (index, ms, seqs, tokens):",
           [(i, round(durs[i] * 1e3, 1), *rows[i]) for i in sorted(slow)])

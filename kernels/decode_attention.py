@@ -28,6 +28,16 @@ fp32 scratch `[B, Hq, num_splits, (2 | D)]`, and the reduce kernel, grid
 and writes `out` in q's dtype. A sequence with `seq_len == 0` (padding)
 gets zeros.
 
+With `new_kv` (a `DecodeNewKV`) the step's new token arrives un-rotated and
+not yet cached, and the split kernel does the layer's rotary work itself (one
+launch less per layer than `kernels.rotary.apply_rotary` + this kernel): every
+program RMS-normalizes (optionally, Qwen3's q_norm) and rotates its query heads
+in registers, and the program whose split holds position `seq_len - 1` also
+normalizes and rotates the token's k and stores it and v at the token's slot,
+then a CTA barrier makes the stores visible to its own tile loads. The rotation
+pairs `x[d]` with `x[(d + D/2) % D]` in one full-width tile, with the numerics
+of `apply_rotary` (float32, rounded to the dtype once).
+
 Nothing reads device tensors on the host, so the launches are CUDA-graph
 capturable as long as `num_splits` (grid and scratch shape) is fixed for the
 capture: pass it explicitly, or pass a `max_seq_len` bound.
@@ -35,11 +45,14 @@ capture: pass it explicitly, or pass a `max_seq_len` bound.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .pdl import launch_kwargs, pdl_enabled, pdl_wait
 
@@ -47,6 +60,46 @@ _LOG2E = 1.4426950408889634
 _DEFAULT_NUM_SMS = 132
 _MAX_SPLITS = 16
 _sm_count_cache: dict[int, int] = {}
+
+
+@dataclass(frozen=True)
+class DecodeNewKV:
+    """The decode step's new token for `decode_attention` to rotate and cache itself.
+
+    `q` passed alongside is then un-rotated. k, v: `[B, Hkv, D]` (views of a fused QKV
+    output are fine; contiguous last dim); positions `[B]` and slot_mapping `[B]` (int32
+    or int64; slot < 0 skips the store); inv_freq `[D/2]` float32; optional per-head
+    RMSNorm weights `[D]` of q's dtype (epsilon `eps`), applied before rotating.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    inv_freq: torch.Tensor
+    q_norm_weight: Optional[torch.Tensor] = None
+    k_norm_weight: Optional[torch.Tensor] = None
+    eps: float = 1e-6
+
+
+@triton.jit
+def _norm_rotate(x_ptrs, partner_ptrs, mask, w_ptr, offs_d, partner_d, cos, sin_signed, eps,
+                 HEAD_DIM: tl.constexpr, NORM: tl.constexpr):
+    """Rows of D values at `x_ptrs`, RMS-normed (HF numerics) and rotated; float32 result.
+
+    `partner_ptrs` address each element's rotation partner `(d + D/2) % D`; `sin_signed`
+    is -sin for the first half, +sin for the second (neox-style rotate_half).
+    """
+    dtype = x_ptrs.dtype.element_ty
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(partner_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(w_ptr + offs_d).to(tl.float32)
+        wp = tl.load(w_ptr + partner_d).to(tl.float32)
+        x = ((x * r).to(dtype).to(tl.float32) * w[None, :]).to(dtype).to(tl.float32)
+        xp = ((xp * r).to(dtype).to(tl.float32) * wp[None, :]).to(dtype).to(tl.float32)
+    return x * cos[None, :] + xp * sin_signed[None, :]
 
 
 @triton.jit
@@ -63,6 +116,11 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    # The fused rotary + KV write of the new token (see DecodeNewKV):
+    kn_ptr, vn_ptr, pos_ptr, slot_ptr, inv_freq_ptr, qw_ptr, kw_ptr, eps,
+    stride_knb, stride_knh, stride_vnb, stride_vnh,
+    NEW_KV: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+    USE_LIBDEVICE: tl.constexpr,
 ):
     pdl_wait(PDL)
     b = tl.program_id(0)
@@ -80,8 +138,44 @@ def _decode_split_kernel(
     head_mask = offs_h < GROUP
     q_heads = kvh * GROUP + offs_h
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0)
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh
+    if NEW_KV:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner_d = (offs_d + HALF) % HEAD_DIM
+        freq = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + offs_d % HALF)
+        if USE_LIBDEVICE:
+            cos = libdevice.cos(freq)
+            sin = libdevice.sin(freq)
+        else:
+            cos = tl.cos(freq)
+            sin = tl.sin(freq)
+        sin = tl.where(offs_d < HALF, -sin, sin)
+        q = _norm_rotate(q_ptrs + offs_d[None, :], q_ptrs + partner_d[None, :],
+                         head_mask[:, None], qw_ptr, offs_d, partner_d, cos, sin, eps,
+                         HEAD_DIM, Q_NORM).to(q_ptr.dtype.element_ty)
+        # The split holding position seq_len - 1 caches the token's rotated k and its v.
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        owner = (seq_len > 0) & ((seq_len - 1) // BLOCK_N // tl.maximum(tiles_per_split, 1)
+                                 == split)
+        one = tl.arange(0, 1)
+        kn = kn_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh + one[:, None] * 0
+        k_new = _norm_rotate(kn + offs_d[None, :], kn + partner_d[None, :],
+                             (one < 1)[:, None], kw_ptr, offs_d, partner_d, cos, sin, eps,
+                             HEAD_DIM, K_NORM)
+        safe = tl.maximum(slot, 0)
+        nk_off = (safe // BLOCK_SIZE) * stride_kblk + (safe % BLOCK_SIZE) * stride_kslot
+        n_store = tl.where(owner & (slot >= 0), 1, 0)
+        store = (one[:, None] < n_store) & (offs_d[None, :] >= 0)
+        cdt = k_ptr.dtype.element_ty
+        tl.store(k_ptr + nk_off + kvh * stride_kh + offs_d[None, :],
+                 k_new.to(q_ptr.dtype.element_ty).to(cdt), mask=store)
+        vn = vn_ptr + b.to(tl.int64) * stride_vnb + kvh * stride_vnh + one[:, None] * 0
+        v_new = tl.load(vn + offs_d[None, :])
+        nv_off = (safe // BLOCK_SIZE) * stride_vblk + (safe % BLOCK_SIZE) * stride_vslot
+        tl.store(v_ptr + nv_off + kvh * stride_vh + offs_d[None, :], v_new.to(cdt), mask=store)
+        tl.debug_barrier()  # this CTA's tile loads below see the stores
+    else:
+        q = tl.load(q_ptrs + offs_d[None, :], mask=head_mask[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
@@ -180,7 +274,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                      seq_lens: torch.Tensor, scale: float, out: Optional[torch.Tensor] = None,
                      num_splits: Optional[int] = None, max_seq_len: Optional[int] = None,
                      block_n: Optional[int] = None, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+                     num_stages: int = 3, new_kv: Optional[DecodeNewKV] = None) -> torch.Tensor:
     """Paged decode attention of `q` `[B, Hq, D]` over each sequence's cached context.
 
     kv_cache: `[2, num_blocks, block_size, Hkv, D]` (last dim contiguous, any other strides);
@@ -191,6 +285,9 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     Tuning: `block_n` (KV tokens per tile, default 64 for D <= 128), `num_warps`,
     `num_stages` (>1 pipelines the K/V gathers with cp.async when strides are 16-aligned).
     Scratch (only when num_splits > 1): `B * Hq * num_splits * (D + 2)` fp32, from torch's allocator.
+    With `new_kv`, q is un-rotated and the new token (position `seq_len - 1`) is not in the
+    cache yet: the kernel rotates q (and k), stores k and v at the token's slot, then attends
+    (see the module docstring).
     """
     batch, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
@@ -234,6 +331,29 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty((batch, num_q_heads, num_splits, 2),
                               dtype=torch.float32, device=q.device)
+    if new_kv is not None:
+        nk = new_kv
+        assert head_dim % 2 == 0
+        assert nk.k.shape[0] >= batch and nk.k.shape[1:] == (num_kv_heads, head_dim), nk.k.shape
+        assert nk.v.shape == nk.k.shape and nk.k.stride(-1) == 1 and nk.v.stride(-1) == 1
+        assert nk.k.dtype == q.dtype and nk.v.dtype == q.dtype, (nk.k.dtype, q.dtype)
+        assert nk.positions.shape[0] >= batch and nk.slot_mapping.shape[0] >= batch
+        assert nk.inv_freq.shape == (head_dim // 2,) and nk.inv_freq.dtype == torch.float32
+        for w in (nk.q_norm_weight, nk.k_norm_weight):
+            assert w is None or (w.shape == (head_dim,) and w.stride(0) == 1
+                                 and w.dtype == q.dtype), "norm weights must be [D] of q's dtype"
+        positions = nk.positions if nk.positions.stride(0) == 1 else nk.positions.contiguous()
+        slots = nk.slot_mapping if nk.slot_mapping.stride(0) == 1 else nk.slot_mapping.contiguous()
+        inv_freq = nk.inv_freq.contiguous()
+        fused = (nk.k, nk.v, positions, slots, inv_freq,
+                 nk.q_norm_weight if nk.q_norm_weight is not None else inv_freq,
+                 nk.k_norm_weight if nk.k_norm_weight is not None else inv_freq,
+                 float(nk.eps), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1))
+    else:
+        fused = (q, q, seq_lens, seq_lens, q, q, q, 0.0, 0, 0, 0, 0)  # unused
+    fused_names = ("kn_ptr", "vn_ptr", "pos_ptr", "slot_ptr", "inv_freq_ptr", "qw_ptr", "kw_ptr",
+                   "eps", "stride_knb", "stride_knh", "stride_vnb", "stride_vnh")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1" or q.device.type != "cuda"
     pdl = pdl_enabled(q)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
@@ -247,6 +367,11 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         num_splits,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1, INPUT_PRECISION=precision, PDL=pdl,
+        **dict(zip(fused_names, fused)),
+        NEW_KV=new_kv is not None,
+        Q_NORM=new_kv is not None and new_kv.q_norm_weight is not None,
+        K_NORM=new_kv is not None and new_kv.k_norm_weight is not None,
+        USE_LIBDEVICE=not interpret,
         num_warps=num_warps, num_stages=num_stages, **launch_kwargs(pdl),
     )
     if num_splits > 1:

@@ -18,8 +18,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from paged_backend.kernels.decode_attention import (  # noqa: E402
-    choose_num_splits, decode_attention, decode_attention_ref)
+    DecodeNewKV, choose_num_splits, decode_attention, decode_attention_ref)
 from paged_backend.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
+from paged_backend.kernels.rotary import apply_rotary_ref  # noqa: E402
 
 # The small CPU cases need the interpreter, which is only switched on without CUDA.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU")
@@ -66,6 +67,48 @@ def check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, spl
         assert out.dtype == q.dtype and out.shape == q.shape
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol, f"num_splits={s}: max abs err {err}"
+
+
+def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, splits,
+                        atol, normed, device="cpu", block_n=None, seed=0, theta=10000.0):
+    """`new_kv`: the kernel rotates q/k and caches the new token; oracle = rotary ref, KV-write
+    ref, then the decode ref. Checks the output and the whole cache (no stray writes)."""
+    _, kv_cache, block_tables, seq_lens_t = make_case(
+        seq_lens, num_kv_heads, group, head_dim, block_size, dtype, device, seed)
+    batch, hq = len(seq_lens), num_kv_heads * group
+    gen = torch.Generator().manual_seed(seed + 1)
+    # q, k, v as strided views of one fused projection, as the model passes them.
+    qkv = torch.randn(batch, hq + 2 * num_kv_heads, head_dim, generator=gen)
+    qkv = qkv.to(device=device, dtype=dtype)
+    q, k, v = qkv.split([hq, num_kv_heads, num_kv_heads], dim=1)
+    positions = (seq_lens_t.long() - 1).clamp(min=0) + 0  # the new token's position
+    slots = torch.tensor([int(block_tables[b, (n - 1) // block_size]) * block_size
+                          + (n - 1) % block_size if n > 0 else -1
+                          for b, n in enumerate(seq_lens)], device=device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    qw = kw = None
+    if normed:
+        qw = (torch.rand(head_dim, generator=gen) + 0.5).to(device=device, dtype=dtype)
+        kw = (torch.rand(head_dim, generator=gen) + 0.5).to(device=device, dtype=dtype)
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, inv_freq, qw, kw, eps=1e-6)
+    kv_ref = kv_cache.clone()
+    write_kv_ref(k_rot, v, kv_ref, slots)
+    scale = head_dim ** -0.5
+    ref = decode_attention_ref(q_rot, kv_ref, block_tables, seq_lens_t, scale)
+    assert torch.isfinite(ref.float()).all()
+    q_before = q.clone()
+    for s in splits:
+        cache = kv_cache.clone()
+        out = decode_attention(q, cache, block_tables, seq_lens_t, scale, num_splits=s,
+                               block_n=block_n,
+                               new_kv=DecodeNewKV(k, v, positions, slots, inv_freq, qw, kw, 1e-6))
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err <= atol, f"num_splits={s}: max abs err {err}"
+        # The cache equals the reference's (NaN poison untouched elsewhere), up to the
+        # float32 rounding of cos/sin (which may flip a 16-bit rounding: one ulp).
+        torch.testing.assert_close(cache, kv_ref, atol=atol,
+                                   rtol=0 if dtype == torch.float32 else 1e-2, equal_nan=True)
+        assert torch.equal(q, q_before)  # q is read, never rotated in place
 
 
 # ---------------------------------------------------------------- CPU (interpreter)
@@ -116,6 +159,22 @@ def test_decode_interpreter_strided_q_out_and_empty_sequence():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         assert (out[1] == 0).all()
         assert (out_buf[:, :, 0] == 7.0).all() and (out_buf[:, :, 2:] == 7.0).all()
+
+
+@cpu_only
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_new_kv_interpreter(dtype, normed):
+    # A new token opening a block, one mid-tile, one at the first position, one padding row;
+    # splits 1 (one program caches), 3 and more splits than tiles.
+    check_decode_new_kv([9, 20, 1, 0], 2, 2, 16, 4, dtype, splits=[1, 3, 8],
+                        atol=CPU_TOL[dtype] * 4, normed=normed, block_n=16, seed=3)
+
+
+@cpu_only
+def test_decode_new_kv_interpreter_odd_block_size_and_group():
+    check_decode_new_kv([23, 33], 1, 4, 32, 6, torch.float32, splits=[1, 2, None],
+                        atol=4e-5, normed=True, block_n=16, seed=4)
 
 
 @cpu_only
@@ -178,6 +237,27 @@ def test_decode_gpu(dtype, head_dim, group, block_size, batch):
     seq_lens = _gpu_lens(batch, seed=head_dim + group + block_size)
     check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype,
                  splits=[None, 1, 5, 16], atol=GPU_TOL[dtype], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", ["mixed", "b64"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_new_kv_gpu(dtype, normed, head_dim, group, block_size, batch):
+    num_kv_heads = 2 if group == 8 else 4
+    seq_lens = _gpu_lens(batch, seed=head_dim + group + block_size) + [0]  # a padding row
+    check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dtype,
+                        splits=[None, 1, 5, 16], atol=GPU_TOL[dtype], normed=normed,
+                        device="cuda", theta=500000.0)
+
+
+@pytest.mark.gpu
+def test_decode_new_kv_gpu_float32():
+    check_decode_new_kv([1, 77, 1500], 2, 4, 128, 16, torch.float32, splits=[1, 6], atol=1e-4,
+                        normed=True, device="cuda")
 
 
 @pytest.mark.gpu

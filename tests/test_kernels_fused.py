@@ -366,6 +366,46 @@ def test_model_kernel_path_interpreter(arch, tmp_path, monkeypatch):
         close(g, e, 1e-4)
 
 
+@cpu_only
+@pytest.mark.parametrize("arch", ["qwen3", "smollm2"])
+def test_model_triton_decode_fuses_rotary_interpreter(arch, tmp_path, monkeypatch):
+    """With the Triton backend, decode steps rotate and cache the new token inside the decode
+    kernel (no rotary launch); prefill keeps the rotary kernel; logits equal the torch path's."""
+    import paged_backend.kernels.decode_attention as decode_mod
+    from paged_backend.layers.triton_attention import TritonAttentionBackend
+    from paged_backend.models.loader import load_hf_config, load_model, resolve_model
+    from tiny_models import make_tiny_checkpoint
+
+    make_tiny_checkpoint(arch, str(tmp_path))
+    src = resolve_model(str(tmp_path))
+    cfg = load_hf_config(src)
+    model = load_model(src, cfg, torch.float32, "cpu")
+    tokens = [5, 17, 99, 3, 250, 41, 7]
+    expected = run_model(model, cfg, tokens, 3, "cpu", torch.float32)
+    fused = load_model(src, cfg, torch.float32, "cpu", attn_backend=TritonAttentionBackend())
+    fused.load_state_dict(model.state_dict())
+    monkeypatch.setattr(fused_kernels, "use_fused_kernels", lambda x: True)
+    monkeypatch.setenv(fused_kernels.SKINNY_GEMM_ENV, "0")
+    calls = {"apply_rotary": 0}
+    monkeypatch.setattr(rotary_mod, "apply_rotary",
+                        counting(rotary_mod.apply_rotary, "apply_rotary", calls))
+    new_kv_calls = []
+    real_decode = decode_mod.decode_attention
+
+    def decode_spy(*args, **kwargs):
+        new_kv_calls.append(kwargs.get("new_kv") is not None)
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(decode_mod, "decode_attention", decode_spy)
+    backend = fused.model.layers[0].self_attn.attn_backend
+    backend._decode = decode_spy
+    got = run_model(fused, cfg, tokens, 3, "cpu", torch.float32)
+    n_layers = cfg.num_hidden_layers
+    assert calls["apply_rotary"] == n_layers  # the prefill step only
+    assert new_kv_calls == [True] * (3 * n_layers)
+    for g, e in zip(got, expected, strict=True):
+        close(g, e, 1e-4)
+
+
 # ---------------------------------------------------------------- GPU
 
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -165,6 +165,24 @@ class RotaryEmbedding(torch.nn.Module):
                                    v=v, kv_cache=kv_cache, slot_mapping=slot_mapping)
         return q
 
+    def decode_new_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      q_norm: Optional[RMSNorm] = None, k_norm: Optional[RMSNorm] = None):
+        """The new tokens' un-rotated k/v and rotary parameters for a decode kernel that
+        rotates and caches them itself (`kernels.decode_attention.DecodeNewKV`), or None
+        when the kernel path does not apply (same conditions as `rotate_and_write_kv`)."""
+        if not (self.uses_kernel(q) and self._kernel_norms_ok(q, q_norm, k_norm)
+                and kv_cache.stride(-1) == 1 and self.head_dim % 2 == 0):
+            return None
+        from paged_backend.kernels.decode_attention import DecodeNewKV
+
+        norm = q_norm if q_norm is not None else k_norm
+        return DecodeNewKV(k=k, v=v, positions=positions, slot_mapping=slot_mapping,
+                           inv_freq=self.inv_freq,
+                           q_norm_weight=q_norm.weight if q_norm is not None else None,
+                           k_norm_weight=k_norm.weight if k_norm is not None else None,
+                           eps=norm.eps if norm is not None else 1e-6)
+
     def _kernel_rotate(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        q_norm: Optional[RMSNorm], k_norm: Optional[RMSNorm],
                        **kv_write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Per layer: `forward` writes the new tokens' K/V into their slots with one kernel
 (the Llama family's layers instead have the rotary kernel store them and call
-`attend`, which starts here), then a
+`attend`, which starts here; on pure-decode steps they call `decode_with_new_kv`,
+where the decode kernel rotates and stores the new token itself), then a
 batch of pure decode rows runs the split-KV decode kernel (query heads of a
 KV head packed into one `tl.dot`, partial results merged by log-sum-exp),
 and any other batch (prefill, chunked prefill, prefix hits, mixed) runs the
@@ -45,6 +46,18 @@ class TritonAttentionBackend:
                                 num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len)
         return self._extend(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             meta.max_query_len, scale)
+
+
+    def decode_with_new_kv(self, q: torch.Tensor, new_kv, kv_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float):
+        """Pure-decode steps: attention of the un-rotated `q` with the rotary and the KV
+        write of the new tokens (`new_kv`, a `DecodeNewKV`) done by the decode kernel itself,
+        one launch less per layer. Returns None, having done nothing, for other steps."""
+        if not (meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs):
+            return None
+        return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                            num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,
+                            new_kv=new_kv)
 
 
 def default_backend(device: torch.device):

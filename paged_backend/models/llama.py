@@ -112,6 +112,14 @@ class LlamaAttention(torch.nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         # On the kernel path one launch rotates q/k and writes k/v into the cache, and the
         # backend only attends (a backend without `attend` gets the separate write).
+        # Pure-decode steps on the kernel path: the decode kernel rotates and caches too.
+        decode_new = getattr(self.attn_backend, "decode_with_new_kv", None)
+        if decode_new is not None:
+            new_kv = self.rotary_emb.decode_new_kv(positions, q, k, v, kv_cache,
+                                                   meta.slot_mapping, self.q_norm, self.k_norm)
+            out = None if new_kv is None else decode_new(q, new_kv, kv_cache, meta, self.scale)
+            if out is not None:
+                return out.reshape(num_tokens, self.num_heads * self.head_dim)
         attend = getattr(self.attn_backend, "attend", None)
         q_rot = None
         if attend is not None:
