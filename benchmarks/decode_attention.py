@@ -1,0 +1,133 @@
+"""Micro-benchmark of the paged decode-attention kernel (kernels/decode_attention.py).
+
+Builds `--layers` KV caches (each far larger than the 50 MB L2) holding `--batch`
+sequences whose context lengths are uniform in [`--min-len`, `--max-len`] (seeded),
+in shuffled blocks, and times one decode-attention call per layer in a CUDA graph
+(median over replays). GB/s counts the K and V bytes the call must read. With
+`--sweep` it times a grid of split counts, KV tile sizes, warps and pipeline depths
+(one compile per config) and lists the fastest; otherwise the engine's defaults.
+
+    python benchmarks/decode_attention.py --batch 64 --min-len 200 --max-len 2000 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--min-len", type=int, default=200)
+    ap.add_argument("--max-len", type=int, default=2000)
+    ap.add_argument("--num-kv-heads", type=int, default=8)
+    ap.add_argument("--group", type=int, default=2, help="query heads per KV head")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=4096,
+                    help="the default split count is chosen for this bound, as in a CUDA graph")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--layout", choices=["nhd", "hnd"], default="nhd",
+                    help="cache memory order within a block: slot-major (the engine's "
+                         "[block, slot, head, D]) or head-major ([block, head, slot, D], as a "
+                         "permuted view of the same logical shape)")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--top", type=int, default=8)
+    return ap.parse_args()
+
+
+def time_graph(fn, layers: int, reps: int) -> float:
+    """Median microseconds per call of fn(layer) over `layers` calls captured in one graph."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(layers):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(layers):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3 / layers
+
+
+def main() -> None:
+    a = parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/decode_attention.py needs a CUDA GPU")
+    from paged_backend.kernels.decode_attention import choose_num_splits, decode_attention
+
+    dev, dt = "cuda", torch.bfloat16
+    hkv, d, bs = a.num_kv_heads, a.head_dim, a.block_size
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, bf16, Hkv {hkv}, group {a.group}, D {d}, block {bs} ({a.layout}), "
+          f"lengths U[{a.min_len}, {a.max_len}], {a.layers} layers per graph")
+    for batch in a.batch:
+        gen = torch.Generator().manual_seed(batch)
+        lens = torch.randint(a.min_len, a.max_len + 1, (batch,), generator=gen)
+        nblk = [-(-int(n) // bs) for n in lens]
+        total = sum(nblk)
+        max_blocks = max(nblk)
+        caches, tables = [], []
+        for _ in range(a.layers):
+            if a.layout == "nhd":
+                caches.append(torch.randn(2, total + 1, bs, hkv, d, device=dev, dtype=dt))
+            else:
+                caches.append(torch.randn(2, total + 1, hkv, bs, d, device=dev,
+                                          dtype=dt).permute(0, 1, 3, 2, 4))
+            perm = torch.randperm(total, generator=gen) + 1
+            bt = torch.zeros(batch, max_blocks, dtype=torch.int32)
+            used = 0
+            for b, n in enumerate(nblk):
+                bt[b, :n] = perm[used:used + n].int()
+                used += n
+            tables.append(bt.to(dev))
+        seq_lens = lens.int().to(dev)
+        q = torch.randn(batch, hkv * a.group, d, device=dev, dtype=dt)
+        out = torch.empty_like(q)
+        kv_bytes = int(lens.sum()) * hkv * d * 2 * 2
+        default_splits = choose_num_splits(batch, hkv, a.max_model_len)
+
+        def call(i, **kw):
+            decode_attention(q, caches[i], tables[i], seq_lens, d ** -0.5, out=out, **kw)
+
+        t = time_graph(lambda i: call(i, num_splits=default_splits), a.layers, a.reps)
+        print(f"batch {batch}: {kv_bytes / 1e6:.1f} MB of KV; default (splits {default_splits}) "
+              f"{t:.2f} us, {kv_bytes / t / 1e3:.0f} GB/s", flush=True)
+        if not a.sweep:
+            continue
+        results = []
+        for splits, block_n, warps, stages in itertools.product(
+                [1, 2, 3, 4, 6, 8], [32, 64, 128], [4, 8], [2, 3, 4]):
+            kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                t = time_graph(lambda i, kw=kw: call(i, **kw), a.layers, max(5, a.reps // 3))
+            except Exception as exc:  # e.g. out of shared memory
+                print(f"  skip {kw}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            results.append((t, kw))
+        results.sort(key=lambda r: r[0])
+        for t, kw in results[:a.top]:
+            print(f"    {t:8.2f} us {kv_bytes / t / 1e3:6.0f} GB/s  {kw}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
