@@ -155,8 +155,7 @@ def _decode_split_kernel(
                          HEAD_DIM, Q_NORM).to(q_ptr.dtype.element_ty)
         # The split holding position seq_len - 1 caches the token's rotated k and its v.
         slot = tl.load(slot_ptr + b).to(tl.int64)
-        owner = (seq_len > 0) & ((seq_len - 1) // BLOCK_N // tl.maximum(tiles_per_split, 1)
-                                 == split)
+        owner = (start <= seq_len - 1) & (seq_len - 1 < end)  # [start, end) holds it
         one = tl.arange(0, 1)
         kn = kn_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh + one[:, None] * 0
         k_new = _norm_rotate(kn + offs_d[None, :], kn + partner_d[None, :],

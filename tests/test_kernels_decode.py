@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from paged_backend.kernels.decode_attention import (  # noqa: E402
     DecodeNewKV, choose_num_splits, decode_attention, decode_attention_ref)
 from paged_backend.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
-from paged_backend.kernels.rotary import apply_rotary_ref  # noqa: E402
+from paged_backend.kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 
 # The small CPU cases need the interpreter, which is only switched on without CUDA.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU")
@@ -70,9 +70,21 @@ def check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, spl
 
 
 def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, splits,
-                        atol, normed, device="cpu", block_n=None, seed=0, theta=10000.0):
+                        atol, normed, device="cpu", block_n=None, seed=0, theta=10000.0,
+                        slot_overrides=None):
     """`new_kv`: the kernel rotates q/k and caches the new token; oracle = rotary ref, KV-write
-    ref, then the decode ref. Checks the output and the whole cache (no stray writes)."""
+    ref, then the decode ref. Checks the output and the whole cache (no stray writes).
+
+    The new token's slot is NaN-poisoned first, so a store that is missing, or lands after
+    the owning program's tile loads, shows up in the output. `slot_overrides` {row: slot}
+    replaces a row's slot (-1: a live row that must not be stored, as in the runner's
+    warm-up; a valid slot on a seq_len-0 padding row must not be stored either). On the
+    CPU the result must also equal, bit for bit, the two-kernel path (`apply_rotary` with
+    its KV write, then `decode_attention` of the rotated q) in float16 (both round at the
+    same points), and match it to 1e-6 in float32 (where the sums of squares and FMAs may
+    round differently). The interpreter's bfloat16 is not usable (the plain decode kernel
+    fails there too); the GPU tests cover it.
+    """
     _, kv_cache, block_tables, seq_lens_t = make_case(
         seq_lens, num_kv_heads, group, head_dim, block_size, dtype, device, seed)
     batch, hq = len(seq_lens), num_kv_heads * group
@@ -82,9 +94,17 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
     qkv = qkv.to(device=device, dtype=dtype)
     q, k, v = qkv.split([hq, num_kv_heads, num_kv_heads], dim=1)
     positions = (seq_lens_t.long() - 1).clamp(min=0) + 0  # the new token's position
-    slots = torch.tensor([int(block_tables[b, (n - 1) // block_size]) * block_size
-                          + (n - 1) % block_size if n > 0 else -1
-                          for b, n in enumerate(seq_lens)], device=device)
+    slot_list = [int(block_tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                 if n > 0 else -1 for b, n in enumerate(seq_lens)]
+    for b, slot in (slot_overrides or {}).items():
+        slot_list[b] = slot
+    for b, (n, slot) in enumerate(zip(seq_lens, slot_list)):
+        if n > 0 and slot >= 0:
+            kv_cache[:, slot // block_size, slot % block_size] = float("nan")
+    slots = torch.tensor(slot_list, device=device)
+    # What must be stored: live rows with a slot.
+    ref_slots = torch.tensor([sl if n > 0 else -1 for n, sl in zip(seq_lens, slot_list)],
+                             device=device)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     qw = kw = None
     if normed:
@@ -92,11 +112,12 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
         kw = (torch.rand(head_dim, generator=gen) + 0.5).to(device=device, dtype=dtype)
     q_rot, k_rot = apply_rotary_ref(q, k, positions, inv_freq, qw, kw, eps=1e-6)
     kv_ref = kv_cache.clone()
-    write_kv_ref(k_rot, v, kv_ref, slots)
+    write_kv_ref(k_rot, v, kv_ref, ref_slots)
     scale = head_dim ** -0.5
     ref = decode_attention_ref(q_rot, kv_ref, block_tables, seq_lens_t, scale)
     assert torch.isfinite(ref.float()).all()
     q_before = q.clone()
+    two_kernel_tol = None if device != "cpu" else (1e-6 if dtype == torch.float32 else 0.0)
     for s in splits:
         cache = kv_cache.clone()
         out = decode_attention(q, cache, block_tables, seq_lens_t, scale, num_splits=s,
@@ -109,6 +130,16 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
         torch.testing.assert_close(cache, kv_ref, atol=atol,
                                    rtol=0 if dtype == torch.float32 else 1e-2, equal_nan=True)
         assert torch.equal(q, q_before)  # q is read, never rotated in place
+        if two_kernel_tol is not None:
+            cache2 = kv_cache.clone()
+            q2, k2 = q.clone(), k.clone()
+            apply_rotary(q2, k2, positions, inv_freq, qw, kw, eps=1e-6, v=v, kv_cache=cache2,
+                         slot_mapping=ref_slots)
+            out2 = decode_attention(q2, cache2, block_tables, seq_lens_t, scale, num_splits=s,
+                                    block_n=block_n)
+            torch.testing.assert_close(cache, cache2, atol=two_kernel_tol, rtol=0,
+                                       equal_nan=True)
+            torch.testing.assert_close(out, out2, atol=two_kernel_tol, rtol=0)
 
 
 # ---------------------------------------------------------------- CPU (interpreter)
@@ -165,10 +196,20 @@ def test_decode_interpreter_strided_q_out_and_empty_sequence():
 @pytest.mark.parametrize("normed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_new_kv_interpreter(dtype, normed):
-    # A new token opening a block, one mid-tile, one at the first position, one padding row;
-    # splits 1 (one program caches), 3 and more splits than tiles.
-    check_decode_new_kv([9, 20, 1, 0], 2, 2, 16, 4, dtype, splits=[1, 3, 8],
+    # A new token opening a block, one mid-tile, one at the first position, one padding row,
+    # one in the third of four tiles; splits 1 (one program caches), 3 (the new token of the
+    # 50-token row in split 1 or 2) and more splits than tiles.
+    check_decode_new_kv([9, 20, 1, 0, 50], 2, 2, 16, 4, dtype, splits=[1, 3, 8],
                         atol=CPU_TOL[dtype] * 4, normed=normed, block_n=16, seed=3)
+
+
+@cpu_only
+def test_decode_new_kv_interpreter_guards():
+    """No store for a live row without a slot (the runner's warm-up) nor for a padding row
+    that carries a slot; the other rows are stored as usual."""
+    check_decode_new_kv([9, 20, 0, 33], 2, 2, 16, 4, torch.float32, splits=[1, 3],
+                        atol=4e-5, normed=True, block_n=16, seed=5,
+                        slot_overrides={1: -1, 2: 1})
 
 
 @cpu_only

@@ -367,10 +367,12 @@ def test_model_kernel_path_interpreter(arch, tmp_path, monkeypatch):
 
 
 @cpu_only
-@pytest.mark.parametrize("arch", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("arch", ["qwen3", "smollm2", "llama3_rope"])
 def test_model_triton_decode_fuses_rotary_interpreter(arch, tmp_path, monkeypatch):
     """With the Triton backend, decode steps rotate and cache the new token inside the decode
-    kernel (no rotary launch); prefill keeps the rotary kernel; logits equal the torch path's."""
+    kernel (no rotary launch); prefill keeps the rotary kernel; logits equal the torch path's.
+    The decode calls run 3 splits of 16-token tiles over a 30-token prompt, so the new token
+    is cached by a split other than the first."""
     import paged_backend.kernels.decode_attention as decode_mod
     from paged_backend.layers.triton_attention import TritonAttentionBackend
     from paged_backend.models.loader import load_hf_config, load_model, resolve_model
@@ -380,7 +382,7 @@ def test_model_triton_decode_fuses_rotary_interpreter(arch, tmp_path, monkeypatc
     src = resolve_model(str(tmp_path))
     cfg = load_hf_config(src)
     model = load_model(src, cfg, torch.float32, "cpu")
-    tokens = [5, 17, 99, 3, 250, 41, 7]
+    tokens = [(13 * i + 5) % 400 for i in range(30)]
     expected = run_model(model, cfg, tokens, 3, "cpu", torch.float32)
     fused = load_model(src, cfg, torch.float32, "cpu", attn_backend=TritonAttentionBackend())
     fused.load_state_dict(model.state_dict())
@@ -394,6 +396,7 @@ def test_model_triton_decode_fuses_rotary_interpreter(arch, tmp_path, monkeypatc
 
     def decode_spy(*args, **kwargs):
         new_kv_calls.append(kwargs.get("new_kv") is not None)
+        kwargs.update(num_splits=3, block_n=16)
         return real_decode(*args, **kwargs)
     monkeypatch.setattr(decode_mod, "decode_attention", decode_spy)
     backend = fused.model.layers[0].self_attn.attn_backend

@@ -114,7 +114,7 @@ class LlamaAttention(torch.nn.Module):
         # backend only attends (a backend without `attend` gets the separate write).
         # Pure-decode steps on the kernel path: the decode kernel rotates and caches too.
         decode_new = getattr(self.attn_backend, "decode_with_new_kv", None)
-        if decode_new is not None:
+        if decode_new is not None and meta.max_query_len == 1:
             new_kv = self.rotary_emb.decode_new_kv(positions, q, k, v, kv_cache,
                                                    meta.slot_mapping, self.q_norm, self.k_norm)
             out = None if new_kv is None else decode_new(q, new_kv, kv_cache, meta, self.scale)
