@@ -3,7 +3,7 @@
 Builds `--layers` KV caches (each far larger than the 50 MB L2) holding `--batch`
 sequences whose context lengths are uniform in [`--min-len`, `--max-len`] (seeded),
 in shuffled blocks, and times one decode-attention call per layer in a CUDA graph
-(median over replays). GB/s counts the K and V bytes the call must read. With
+(median over replays, `benchmarks/skinny_gemm.py`'s timer). GB/s counts the K and V bytes the call must read. With
 `--sweep` it times a grid of split counts, KV tile sizes, warps and pipeline depths
 (one compile per config) and lists the fastest; otherwise the engine's defaults.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 
 
@@ -30,7 +29,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=4096,
                     help="the default split count is chosen for this bound, as in a CUDA graph")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--target-ms", type=float, default=20.0,
+                    help="GPU time spent timing each entry (sets the replay count)")
     ap.add_argument("--layout", choices=["nhd", "hnd"], default="nhd",
                     help="cache memory order within a block: slot-major (the engine's "
                          "[block, slot, head, D]) or head-major ([block, head, slot, D], as a "
@@ -40,33 +40,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def time_graph(fn, layers: int, reps: int) -> float:
-    """Median microseconds per call of fn(layer) over `layers` calls captured in one graph."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(layers):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-          for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3 / layers
-
-
 def main() -> None:
     a = parse_args()
     import torch
@@ -74,6 +47,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode_attention.py needs a CUDA GPU")
     from paged_backend.kernels.decode_attention import choose_num_splits, decode_attention
+    from skinny_gemm import time_graph  # benchmarks/skinny_gemm.py: fn(i) over i in one graph
 
     dev, dt = "cuda", torch.bfloat16
     hkv, d, bs = a.num_kv_heads, a.head_dim, a.block_size
@@ -109,7 +83,7 @@ def main() -> None:
         def call(i, **kw):
             decode_attention(q, caches[i], tables[i], seq_lens, d ** -0.5, out=out, **kw)
 
-        t = time_graph(lambda i: call(i, num_splits=default_splits), a.layers, a.reps)
+        t = time_graph(lambda i: call(i, num_splits=default_splits), a.layers, a.target_ms)
         print(f"batch {batch}: {kv_bytes / 1e6:.1f} MB of KV; default (splits {default_splits}) "
               f"{t:.2f} us, {kv_bytes / t / 1e3:.0f} GB/s", flush=True)
         if not a.sweep:
@@ -119,7 +93,7 @@ def main() -> None:
                 [1, 2, 3, 4, 6, 8], [32, 64, 128], [4, 8], [2, 3, 4]):
             kw = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
             try:
-                t = time_graph(lambda i, kw=kw: call(i, **kw), a.layers, max(5, a.reps // 3))
+                t = time_graph(lambda i, kw=kw: call(i, **kw), a.layers, a.target_ms / 3)
             except Exception as exc:  # e.g. out of shared memory
                 print(f"  skip {kw}: {type(exc).__name__}", file=sys.stderr)
                 continue

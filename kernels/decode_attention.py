@@ -52,9 +52,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
-
 from .pdl import launch_kwargs, pdl_enabled, pdl_wait
+from .rotary import rope_cos_sin
 
 _LOG2E = 1.4426950408889634
 _DEFAULT_NUM_SMS = 132
@@ -143,12 +142,7 @@ def _decode_split_kernel(
         HALF: tl.constexpr = HEAD_DIM // 2
         partner_d = (offs_d + HALF) % HEAD_DIM
         freq = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + offs_d % HALF)
-        if USE_LIBDEVICE:
-            cos = libdevice.cos(freq)
-            sin = libdevice.sin(freq)
-        else:
-            cos = tl.cos(freq)
-            sin = tl.sin(freq)
+        cos, sin = rope_cos_sin(freq, USE_LIBDEVICE)
         sin = tl.where(offs_d < HALF, -sin, sin)
         q = _norm_rotate(q_ptrs + offs_d[None, :], q_ptrs + partner_d[None, :],
                          head_mask[:, None], qw_ptr, offs_d, partner_d, cos, sin, eps,

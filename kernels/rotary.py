@@ -35,6 +35,18 @@ _TILE_ELEMS = 2048
 
 
 @triton.jit
+def rope_cos_sin(freq, USE_LIBDEVICE: tl.constexpr):
+    """cos and sin of the float32 angles `freq`: libdevice's on the GPU, the interpreter's else."""
+    if USE_LIBDEVICE:
+        cos = libdevice.cos(freq)
+        sin = libdevice.sin(freq)
+    else:
+        cos = tl.cos(freq)
+        sin = tl.sin(freq)
+    return cos, sin
+
+
+@triton.jit
 def _norm_rotate_heads(base_ptr, stride_h, w_ptr, cos, sin, offs_d, d_mask, eps,
                        cache_ptr, stride_ch, cache_heads,
                        NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -104,12 +116,7 @@ def _rotary_kernel(
     d_mask = offs_d < HALF
     pos = tl.load(pos_ptr + t).to(tl.float32)
     freq = pos * tl.load(inv_freq_ptr + offs_d, mask=d_mask, other=0.0)
-    if USE_LIBDEVICE:
-        cos = libdevice.cos(freq)
-        sin = libdevice.sin(freq)
-    else:
-        cos = tl.cos(freq)
-        sin = tl.sin(freq)
+    cos, sin = rope_cos_sin(freq, USE_LIBDEVICE)
     cache_off = 0
     cache_heads = 0
     if WRITE_KV:
