@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
 from .pdl import launch_kwargs, pdl_enabled, pdl_wait
 from .rotary import rope_cos_sin
 
@@ -326,7 +327,6 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
                               dtype=torch.float32, device=q.device)
     if new_kv is not None:
         nk = new_kv
-        assert head_dim % 2 == 0
         assert nk.k.shape[0] >= batch and nk.k.shape[1:] == (num_kv_heads, head_dim), nk.k.shape
         assert nk.v.shape == nk.k.shape and nk.k.stride(-1) == 1 and nk.v.stride(-1) == 1
         assert nk.k.dtype == q.dtype and nk.v.dtype == q.dtype, (nk.k.dtype, q.dtype)

@@ -18,6 +18,11 @@ import torch
 from paged_backend.layers.attention import AttentionMetadata
 
 
+def _pure_decode(meta: AttentionMetadata) -> bool:
+    """One new token per sequence: the split-KV decode kernel's case."""
+    return meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs
+
+
 class TritonAttentionBackend:
     """Paged attention with the kernels of `paged_backend.kernels`."""
 
@@ -41,19 +46,18 @@ class TritonAttentionBackend:
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float) -> torch.Tensor:
         """Attention over the cache, which already holds this step's k, v."""
-        if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
+        if _pure_decode(meta):
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                 num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len)
         return self._extend(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             meta.max_query_len, scale)
-
 
     def decode_with_new_kv(self, q: torch.Tensor, new_kv, kv_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float):
         """Pure-decode steps: attention of the un-rotated `q` with the rotary and the KV
         write of the new tokens (`new_kv`, a `DecodeNewKV`) done by the decode kernel itself,
         one launch less per layer. Returns None, having done nothing, for other steps."""
-        if not (meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs):
+        if not _pure_decode(meta):
             return None
         return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                             num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,

@@ -110,8 +110,6 @@ class LlamaAttention(torch.nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # On the kernel path one launch rotates q/k and writes k/v into the cache, and the
-        # backend only attends (a backend without `attend` gets the separate write).
         # Pure-decode steps on the kernel path: the decode kernel rotates and caches too.
         decode_new = getattr(self.attn_backend, "decode_with_new_kv", None)
         if decode_new is not None and meta.max_query_len == 1:
@@ -120,6 +118,8 @@ class LlamaAttention(torch.nn.Module):
             out = None if new_kv is None else decode_new(q, new_kv, kv_cache, meta, self.scale)
             if out is not None:
                 return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        # Otherwise on the kernel path one launch rotates q/k and writes k/v into the cache,
+        # and the backend only attends (a backend without `attend` gets the separate write).
         attend = getattr(self.attn_backend, "attend", None)
         q_rot = None
         if attend is not None:
