@@ -328,6 +328,8 @@ def _model_logits(arch: str, path, dtype: torch.dtype, device: str, skinny: bool
         else:
             mp.setattr(fused_kernels, "use_skinny_gemm",
                        lambda x: x.shape[0] <= fused_kernels.SKINNY_MAX_TOKENS)
+            mp.setattr(fused_kernels, "use_skinny_silu",
+                       lambda x: x.dim() == 2 and x.shape[0] <= fused_kernels.SKINNY_SILU_MAX_TOKENS)
             if calls is not None:
                 real = sg.skinny_gemm
 
@@ -341,16 +343,17 @@ def _model_logits(arch: str, path, dtype: torch.dtype, device: str, skinny: bool
 @cpu_only
 @pytest.mark.parametrize("arch", ["llama3_rope", "qwen3", "qwen2"])
 def test_model_skinny_path_interpreter(arch, tmp_path, monkeypatch):
-    """The Llama family's small-batch path (norms, SiLU-mul and residual adds fused into four
-    GEMMs per layer) gives the regular path's logits."""
+    """The Llama family's small-batch paths give the regular path's logits: one-token forwards
+    with norms, SiLU-mul and residual adds fused into four GEMMs per layer, and up to
+    SKINNY_SILU_MAX_TOKENS tokens with the gate/up GEMM's SiLU-mul epilogue."""
     expected = _model_logits(arch, tmp_path / "a", torch.float32, "cpu", False, monkeypatch)
     calls = {"skinny_gemm": 0}
     got = _model_logits(arch, tmp_path / "b", torch.float32, "cpu", True, monkeypatch, calls)
-    # The 7-token prefill runs the regular path (SKINNY_MAX_TOKENS = 1): 2 decode forwards
-    # x 4 GEMMs x 2 layers.
+    # The 7-token prefill (SKINNY_MAX_TOKENS = 1 < 7 <= SKINNY_SILU_MAX_TOKENS) runs one
+    # skinny GEMM per layer (gate/up), each decode forward four: (1 + 2 * 4) x 2 layers.
     from paged_backend.layers import fused_kernels
-    assert fused_kernels.SKINNY_MAX_TOKENS == 1
-    assert calls["skinny_gemm"] == 2 * 4 * 2
+    assert fused_kernels.SKINNY_MAX_TOKENS == 1 and fused_kernels.SKINNY_SILU_MAX_TOKENS >= 7
+    assert calls["skinny_gemm"] == (1 + 2 * 4) * 2
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 

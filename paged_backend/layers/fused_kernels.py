@@ -6,7 +6,9 @@ the torch path everywhere. Layers import the kernels lazily, on first use.
 
 The one-token path (`paged_backend.kernels.skinny_gemm`: four GEMMs per layer with the
 RMSNorm, SiLU-and-mul and residual adds fused in) runs forwards of SKINNY_MAX_TOKENS
-tokens on CUDA; PAGED_BACKEND_SKINNY_GEMM=0 turns it off (cuBLAS and separate kernels).
+tokens on CUDA; larger forwards up to SKINNY_SILU_MAX_TOKENS tokens run only their gate/up
+projection on it, SiLU-and-mul fused. PAGED_BACKEND_SKINNY_GEMM=0 turns both off (cuBLAS
+and separate kernels).
 """
 
 from __future__ import annotations
@@ -45,3 +47,15 @@ def use_skinny_gemm(x: torch.Tensor) -> bool:
     """True for a CUDA batch of at most SKINNY_MAX_TOKENS tokens unless switched off."""
     return (x.shape[0] <= SKINNY_MAX_TOKENS and os.environ.get(SKINNY_GEMM_ENV, "1") != "0"
             and use_fused_kernels(x))
+
+
+# Largest forward whose gate/up projection runs as a skinny GEMM with SiLU-and-mul in its
+# epilogue (the norm before it stays a separate kernel): on the H100 that beats cuBLAS plus
+# the SiLU kernel up to 64 rows.
+SKINNY_SILU_MAX_TOKENS = 64
+
+
+def use_skinny_silu(x: torch.Tensor) -> bool:
+    """True for a 2-D CUDA batch of at most SKINNY_SILU_MAX_TOKENS rows unless switched off."""
+    return (x.dim() == 2 and x.shape[0] <= SKINNY_SILU_MAX_TOKENS
+            and os.environ.get(SKINNY_GEMM_ENV, "1") != "0" and use_fused_kernels(x))
