@@ -204,6 +204,11 @@ def test_config_heuristic_limits():
                 if cfg.use_dot:
                     assert min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
                 assert 1 <= cfg.num_stages <= 4
+    # A K tile that would leave a half-masked last step is halved once to divide K (qwen3's
+    # down at M=1: 2 x 2048 -> 3 x 1024); powers of two and ragged K keep their tiles.
+    assert skinny_gemm_config(1, 1024, 3072, 2).block_k == 1024
+    assert skinny_gemm_config(1, 1024, 2048, 2).block_k == 2048
+    assert skinny_gemm_config(1, 37, 100, 2).block_k == 128
 
 
 # ---------------------------------------------------------------- GPU
@@ -328,8 +333,9 @@ def _model_logits(arch: str, path, dtype: torch.dtype, device: str, skinny: bool
         else:
             mp.setattr(fused_kernels, "use_skinny_gemm",
                        lambda x: x.shape[0] <= fused_kernels.SKINNY_MAX_TOKENS)
+            silu_rows = fused_kernels.SKINNY_SILU_MAX_TOKENS
             mp.setattr(fused_kernels, "use_skinny_silu",
-                       lambda x: x.dim() == 2 and x.shape[0] <= fused_kernels.SKINNY_SILU_MAX_TOKENS)
+                       lambda x, w: x.dim() == 2 and x.shape[0] <= silu_rows)
             if calls is not None:
                 real = sg.skinny_gemm
 
@@ -366,3 +372,20 @@ def test_model_skinny_path_gpu(arch, tmp_path, monkeypatch):
     for g, e in zip(got, expected, strict=True):
         err = (g.float() - e.float()).abs().max() / e.float().abs().max()
         assert err < 5e-2, err
+
+
+def test_skinny_silu_policy(monkeypatch):
+    """The gate/up SiLU path takes 2-D batches of at most SKINNY_SILU_MAX_TOKENS rows and
+    weights of at most SKINNY_SILU_MAX_WEIGHT_BYTES (Llama-3-8B's stays on cuBLAS)."""
+    from paged_backend.layers import fused_kernels as fk
+    monkeypatch.setattr(fk, "use_fused_kernels", lambda x: True)
+    small = torch.empty(2 * 3072, 1024, dtype=torch.bfloat16, device="meta")  # qwen3-0.6b
+    big = torch.empty(2 * 14336, 4096, dtype=torch.bfloat16, device="meta")  # llama3-8b
+    rows = fk.SKINNY_SILU_MAX_TOKENS
+    assert fk.use_skinny_silu(torch.empty(rows, 1024, device="meta"), small)
+    assert fk.use_skinny_silu(torch.empty(2, 1024, device="meta"), small)
+    assert not fk.use_skinny_silu(torch.empty(rows + 1, 1024, device="meta"), small)
+    assert not fk.use_skinny_silu(torch.empty(1, 2, 1024, device="meta"), small)
+    assert not fk.use_skinny_silu(torch.empty(8, 4096, device="meta"), big)
+    monkeypatch.setenv(fk.SKINNY_GEMM_ENV, "0")
+    assert not fk.use_skinny_silu(torch.empty(8, 1024, device="meta"), small)

@@ -65,11 +65,11 @@ class LlamaMLP(torch.nn.Module):
             self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_and_mul is not None and fused_kernels.use_skinny_silu(x):
+        w = self.gate_up_proj.weight
+        if self.act_and_mul is not None and fused_kernels.use_skinny_silu(x, w):
             from paged_backend.kernels.skinny_gemm import skinny_gemm
             # tl.dot from 2 rows: the broadcast path loses to cuBLAS there (qwen3 M=4: 22 vs 7 us).
-            act = skinny_gemm(x, self.gate_up_proj.weight, self.gate_up_proj.bias, silu_mul=True,
-                              use_dot=True)
+            act = skinny_gemm(x, w, self.gate_up_proj.bias, silu_mul=True, use_dot=True)
             return self.down_proj(act)
         gate_up = self.gate_up_proj(x)
         if self.act_and_mul is not None:
