@@ -8,7 +8,9 @@ tail instead of following it. In return every such kernel must execute
 previous kernels wrote and before it writes anything at all; the wait returns
 once the previous grid has completed and its memory is visible. Work that
 touches only data no kernel writes (the skinny GEMM's weights) may run before
-the wait. `gdc_launch_dependents` lets the next PDL kernel launch early.
+the wait (the skinny GEMM loads whole weight tiles there, so a weight update in place must
+not be the kernel right before a forward; nothing here does that).
+`gdc_launch_dependents` lets the next PDL kernel launch early.
 
 Every kernel here that takes a `PDL` constexpr follows that contract, so a
 chain of them is safe in any order and next to kernels launched without PDL

@@ -135,6 +135,13 @@ def test_skinny_gemm_interpreter(n, k, m, variant, dtype):
     (1, 102, 72, dict(block_n=4, block_k=32, num_programs=3)),
     (5, 130, 64, dict(block_n=16, block_k=16, num_programs=2, num_stages=3)),
     (3, 58, 40, dict(block_n=4, block_k=32, num_programs=1, num_stages=1)),
+    # One K step per tile with a norm: the weight tile is loaded before the norm pass
+    # (the SINGLE path), unmasked as in the model (K == BLOCK_K, N % BLOCK_N == 0), with
+    # tl.dot and a ragged N, with BLOCK_M = 64 and padding rows, and with extra programs.
+    (3, 64, 128, dict()),
+    (16, 40, 64, dict(use_dot=True)),
+    (33, 64, 64, dict()),
+    (1, 100, 72, dict(num_programs=1000)),
 ])
 def test_skinny_gemm_interpreter_configs(m, n, k, config, variant, dtype):
     check(m, n, k, variant, dtype, CPU_TOL[dtype], seed=k, row_pad=8 if m % 2 else 0, **config)
@@ -375,17 +382,26 @@ def test_model_skinny_path_gpu(arch, tmp_path, monkeypatch):
 
 
 def test_skinny_silu_policy(monkeypatch):
-    """The gate/up SiLU path takes 2-D batches of at most SKINNY_SILU_MAX_TOKENS rows and
-    weights of at most SKINNY_SILU_MAX_WEIGHT_BYTES (Llama-3-8B's stays on cuBLAS)."""
+    """The gate/up SiLU path takes 2-D, row-major bf16/fp16 batches of at most
+    SKINNY_SILU_MAX_TOKENS rows and weights of x's dtype up to SKINNY_SILU_MAX_WEIGHT_BYTES
+    (Llama-3-8B's stays on cuBLAS); anything else keeps cuBLAS."""
+    from paged_backend.kernels.skinny_gemm import MAX_M
     from paged_backend.layers import fused_kernels as fk
     monkeypatch.setattr(fk, "use_fused_kernels", lambda x: True)
-    small = torch.empty(2 * 3072, 1024, dtype=torch.bfloat16, device="meta")  # qwen3-0.6b
-    big = torch.empty(2 * 14336, 4096, dtype=torch.bfloat16, device="meta")  # llama3-8b
+    bf16 = dict(dtype=torch.bfloat16, device="meta")
+    small = torch.empty(2 * 3072, 1024, **bf16)  # qwen3-0.6b
+    big = torch.empty(2 * 14336, 4096, **bf16)  # llama3-8b
     rows = fk.SKINNY_SILU_MAX_TOKENS
-    assert fk.use_skinny_silu(torch.empty(rows, 1024, device="meta"), small)
-    assert fk.use_skinny_silu(torch.empty(2, 1024, device="meta"), small)
-    assert not fk.use_skinny_silu(torch.empty(rows + 1, 1024, device="meta"), small)
-    assert not fk.use_skinny_silu(torch.empty(1, 2, 1024, device="meta"), small)
-    assert not fk.use_skinny_silu(torch.empty(8, 4096, device="meta"), big)
+    assert rows <= MAX_M
+    assert fk.use_skinny_silu(torch.empty(rows, 1024, **bf16), small)
+    assert fk.use_skinny_silu(torch.empty(2, 1024, **bf16), small)
+    assert not fk.use_skinny_silu(torch.empty(rows + 1, 1024, **bf16), small)
+    assert not fk.use_skinny_silu(torch.empty(1, 2, 1024, **bf16), small)
+    assert not fk.use_skinny_silu(torch.empty(8, 4096, **bf16), big)
+    assert not fk.use_skinny_silu(torch.empty(1024, 8, **bf16).t(), small[:, :8])  # column-major
+    assert not fk.use_skinny_silu(torch.empty(8, 1024, dtype=torch.float32, device="meta"),
+                                  small.float())  # float32
+    assert not fk.use_skinny_silu(torch.empty(8, 1024, dtype=torch.float16, device="meta"),
+                                  small)  # dtype mismatch
     monkeypatch.setenv(fk.SKINNY_GEMM_ENV, "0")
-    assert not fk.use_skinny_silu(torch.empty(8, 1024, device="meta"), small)
+    assert not fk.use_skinny_silu(torch.empty(8, 1024, **bf16), small)

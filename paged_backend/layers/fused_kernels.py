@@ -53,14 +53,17 @@ def use_skinny_gemm(x: torch.Tensor) -> bool:
 # epilogue (the norm before it stays a separate kernel), and the largest such weight: on the
 # H100, Qwen3-0.6B's 12 MB gate/up at 2-64 rows beats cuBLAS plus the SiLU kernel (qwen3
 # latency +1.6%, bench-64 +0.4-1.3%); Llama-3-8B's 235 MB one streams near peak on cuBLAS,
-# where the launch saved is noise (bench-256 8,112 vs 8,156 tok/s), so it stays there.
-SKINNY_SILU_MAX_TOKENS = 64
-SKINNY_SILU_MAX_WEIGHT_BYTES = 64 << 20
+# where the launch saved is noise (bench-256 8,112 vs 8,156 tok/s), so it stays there. The
+# cap sits well below Llama-3.2-1B's 64 MB gate/up, which was not measured.
+SKINNY_SILU_MAX_TOKENS = 64  # the skinny GEMM's MAX_M
+SKINNY_SILU_MAX_WEIGHT_BYTES = 32 << 20
 
 
 def use_skinny_silu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for a 2-D CUDA batch of at most SKINNY_SILU_MAX_TOKENS rows and a gate/up `weight`
-    of at most SKINNY_SILU_MAX_WEIGHT_BYTES, unless switched off."""
-    return (x.dim() == 2 and x.shape[0] <= SKINNY_SILU_MAX_TOKENS
+    """True for a 2-D, row-major bf16/fp16 CUDA batch of at most SKINNY_SILU_MAX_TOKENS rows
+    and a gate/up `weight` of x's dtype and at most SKINNY_SILU_MAX_WEIGHT_BYTES, unless
+    switched off (anything else keeps cuBLAS; float32 was never timed on this path)."""
+    return (x.dim() == 2 and x.shape[0] <= SKINNY_SILU_MAX_TOKENS and x.stride(-1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.numel() * weight.element_size() <= SKINNY_SILU_MAX_WEIGHT_BYTES
             and os.environ.get(SKINNY_GEMM_ENV, "1") != "0" and use_fused_kernels(x))
