@@ -193,6 +193,13 @@ def _tile_product(acc, a, w_ptrs, mask, USE_DOT: tl.constexpr, DOT_PRECISION: tl
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask for the cache lines at `ptrs` in L2 (no registers, no wait)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _epilogue(acc, acc_up, offs_m, mask_m, offs_n, N, bias_ptr, out_ptr, stride_o,
               HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Bias, SiLU-and-mul and the (accumulating) store of one finished output tile."""
@@ -275,13 +282,9 @@ def _skinny_gemm_kernel(
                 pk = tl.minimum(tl.arange(0, PREFETCH_LINES) * LINE, K - 1)
                 first = tl.minimum(pid * BLOCK_N + offs_bn, N - 1)
                 rows = w_ptr + first[:, None].to(tl.int64) * stride_w
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                          [rows + pk[None, :]], dtype=tl.int32, is_pure=False,
-                                          pack=1)
+                _prefetch_l2(rows + pk[None, :])
                 if SILU_MUL:
-                    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                                              [rows + up_rows + pk[None, :]], dtype=tl.int32,
-                                              is_pure=False, pack=1)
+                    _prefetch_l2(rows + up_rows + pk[None, :])
             pdl_wait(PDL)
 
         # The RMSNorm prologue's 1 / rms of each row, once per program.
@@ -308,8 +311,8 @@ def _skinny_gemm_kernel(
             w_mask = (offs_n[:, None] < N) & (ks[None, :] < K)
             acc = _tile_product(acc, a, w_ptrs, w_mask, USE_DOT, DOT_PRECISION, MASK_W)
             if SILU_MUL:
-                acc_up = _tile_product(acc_up, a, w_ptrs + up_rows, w_mask, USE_DOT, DOT_PRECISION,
-                                       MASK_W)
+                acc_up = _tile_product(acc_up, a, w_ptrs + up_rows, w_mask, USE_DOT,
+                                       DOT_PRECISION, MASK_W)
             if kk == k_steps - 1:
                 _epilogue(acc, acc_up, offs_m, mask_m, offs_n, N, bias_ptr, out_ptr, stride_o,
                           HAS_BIAS, SILU_MUL, ACCUMULATE)
@@ -389,11 +392,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     pdl = pdl_enabled(x)
     line = max(1, 128 // x.element_size())  # elements per 128-byte cache line
-    # Prefetch (PDL only) two K tiles of the weight, at most its row.
     # With a norm prologue, one K step per tile and one tile per program, the kernel loads
     # its whole weight tile before the PDL wait and the norm pass (nothing to prefetch).
     # Without a norm the L2 prefetch measured better (qwen3 o_proj M=1: 2.9 vs 3.3 us).
     single = norm_weight is not None and k <= cfg.block_k and programs == tiles
+    # Otherwise prefetch (PDL only) two K tiles of the weight, at most its row.
     prefetch_lines = min(triton.next_power_of_2(triton.cdiv(k, line)),
                          max(1, 2 * cfg.block_k // line)) if pdl and not single else 0
     dummy = weight  # stands in for absent optional pointers (never read)

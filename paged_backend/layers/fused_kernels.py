@@ -51,8 +51,8 @@ def use_skinny_gemm(x: torch.Tensor) -> bool:
 
 # Largest forward whose gate/up projection runs as a skinny GEMM with SiLU-and-mul in its
 # epilogue (the norm before it stays a separate kernel), and the largest such weight: on the
-# H100, Qwen3-0.6B's 12 MB gate/up at 2-64 rows beats cuBLAS plus the SiLU kernel (qwen3
-# latency +1.6%, bench-64 +0.4-1.3%); Llama-3-8B's 235 MB one streams near peak on cuBLAS,
+# H100, Qwen3-0.6B's 12 MB gate/up at 2-64 rows beats cuBLAS plus the SiLU kernel (bench-64
+# +0.4-1.3%, BENCHMARKS.md); Llama-3-8B's 235 MB one streams near peak on cuBLAS,
 # where the launch saved is noise (bench-256 8,112 vs 8,156 tok/s), so it stays there. The
 # cap sits well below Llama-3.2-1B's 64 MB gate/up, which was not measured.
 SKINNY_SILU_MAX_TOKENS = 64  # the skinny GEMM's MAX_M
