@@ -8,13 +8,15 @@ The one-token path (`paged_backend.kernels.skinny_gemm`: four GEMMs per layer wi
 RMSNorm, SiLU-and-mul and residual adds fused in) runs forwards of SKINNY_MAX_TOKENS
 tokens on CUDA; larger forwards up to SKINNY_SILU_MAX_TOKENS tokens run only their gate/up
 projection on it, SiLU-and-mul fused. PAGED_BACKEND_SKINNY_GEMM=0 turns both off (cuBLAS
-and separate kernels).
+and separate kernels). On Hopper, `one_token_gemm` hands the one-token GEMMs whose weights
+fit to the CUDA `stream_gemv` (PAGED_BACKEND_STREAM_GEMV=0 keeps them on Triton).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -47,6 +49,18 @@ def use_skinny_gemm(x: torch.Tensor) -> bool:
     """True for a CUDA batch of at most SKINNY_MAX_TOKENS tokens unless switched off."""
     return (x.shape[0] <= SKINNY_MAX_TOKENS and os.environ.get(SKINNY_GEMM_ENV, "1") != "0"
             and use_fused_kernels(x))
+
+
+def one_token_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   **kwargs) -> torch.Tensor:
+    """`skinny_gemm(x, weight, bias, **kwargs)` for a one-token forward, run by `stream_gemv`
+    where it takes the call (it streams the weights in before the previous kernel ends)."""
+    from paged_backend.kernels.stream_gemv import stream_gemv, stream_gemv_supported
+    if stream_gemv_supported(x, weight, kwargs.get("silu_mul", False),
+                             kwargs.get("norm_weight")):
+        return stream_gemv(x, weight, bias, **kwargs)
+    from paged_backend.kernels.skinny_gemm import skinny_gemm
+    return skinny_gemm(x, weight, bias, **kwargs)
 
 
 # Largest forward whose gate/up projection runs as a skinny GEMM with SiLU-and-mul in its

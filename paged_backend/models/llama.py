@@ -183,17 +183,17 @@ class LlamaDecoderLayer(torch.nn.Module):
         Returns `(stream, None)`: the residual stream itself, updated in place (the next
         layer reads a None residual as "hidden is the whole stream").
         """
-        from paged_backend.kernels.skinny_gemm import skinny_gemm
+        gemm = fused_kernels.one_token_gemm
         stream = hidden if residual is None else hidden + residual
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = skinny_gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
+        qkv = gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
                           norm_weight=ln1.weight, eps=ln1.eps)
         out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
-        skinny_gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream)
-        act = skinny_gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+        gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream)
+        act = gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
                           norm_weight=ln2.weight, eps=ln2.eps, silu_mul=True)
-        skinny_gemm(act, mlp.down_proj.weight, mlp.down_proj.bias, add_to=stream)
+        gemm(act, mlp.down_proj.weight, mlp.down_proj.bias, add_to=stream)
         return stream, None
 
 

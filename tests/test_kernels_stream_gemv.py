@@ -1,0 +1,210 @@
+"""The one-token CUDA GEMV (`stream_gemv`) against the skinny GEMM's torch reference.
+
+The kernel is CUDA C++ compiled at run time, so it runs only on a Hopper-or-newer GPU
+(`gpu` tests): every prologue / epilogue variant over the Qwen3-0.6B layer shapes and
+ragged ones (row counts that do not divide over the SMs, fewer rows than SMs, K-split
+row groups, K not a multiple of 256), a chain of them in a CUDA graph with PDL, and the
+engine's dispatch. On CPU the dispatch policy is checked: it never takes CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The kernels package imports triton; without CUDA the other kernel tests need its
+# interpreter, which must be chosen before the first import (whichever module comes first).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from paged_backend.kernels.skinny_gemm import skinny_gemm_ref  # noqa: E402
+from paged_backend.kernels.stream_gemv import (  # noqa: E402
+    STREAM_GEMV_ENV,
+    stream_gemv,
+    stream_gemv_supported,
+)
+
+# (norm, silu_mul, bias, add_to); tolerances as the skinny GEMM's GPU tests state them.
+VARIANTS = {
+    "plain": (False, False, False, False),
+    "bias": (False, False, True, False),
+    "norm": (True, False, False, False),
+    "norm_bias": (True, False, True, False),
+    "silu": (False, True, False, False),
+    "norm_silu": (True, True, False, False),
+    "norm_bias_silu": (True, True, True, False),
+    "add": (False, False, False, True),
+    "norm_bias_add": (True, False, True, True),
+}
+TOL = {torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
+MEAN_TOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+def hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="needs a Hopper-or-newer GPU")
+
+
+def make_inputs(n: int, k: int, variant: str, dtype: torch.dtype, seed: int = 0):
+    norm, silu, has_bias, add = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(seed)
+    x = (1.5 * torch.randn(1, k, generator=gen)).to("cuda", dtype)
+    weight = (torch.randn(n, k, generator=gen) / k ** 0.5).to("cuda", dtype)
+    kw: dict = {}
+    if has_bias:
+        kw["bias"] = (0.5 * torch.randn(n, generator=gen)).to("cuda", dtype)
+    if norm:
+        kw["norm_weight"] = (1 + 0.1 * torch.randn(k, generator=gen)).to("cuda", dtype)
+        kw["eps"] = 1e-5
+    if silu:
+        kw["silu_mul"] = True
+    if add:
+        kw["add_to"] = torch.randn(1, n, generator=gen).to("cuda", dtype)
+    return x, weight, kw
+
+
+def check(n: int, k: int, variant: str, dtype: torch.dtype, seed: int = 0) -> None:
+    x, weight, kw = make_inputs(n, k, variant, dtype, seed)
+    assert stream_gemv_supported(x, weight, kw.get("silu_mul", False), kw.get("norm_weight"))
+    x_before = x.clone()
+    ref_kw = dict(kw)
+    if "add_to" in kw:
+        ref_kw["add_to"] = kw["add_to"].clone()
+    expected = skinny_gemm_ref(x, weight, **ref_kw)
+    out = stream_gemv(x, weight, **kw)
+    if "add_to" in kw:
+        assert out is kw["add_to"]
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    rtol, atol_rel = TOL[dtype]
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol_rel * scale)
+    err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < MEAN_TOL[dtype], err
+    assert torch.equal(x, x_before)
+
+
+QWEN3 = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape", list(QWEN3))
+def test_stream_gemv_qwen3_shapes(shape, variant, dtype):
+    n, k = QWEN3[shape]
+    check(n, k, variant, dtype, seed=n + k)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "norm_bias_silu", "silu"])
+@pytest.mark.parametrize("n,k", [
+    (2, 8),  # one row per program, K below one lane's vector
+    (100, 264),  # fewer rows than SMs; K not a multiple of 256
+    (1030, 520),  # ragged rows per program, K-split groups
+    (9000, 72),  # more row groups than warps
+    (2 * 139, 4104),  # odd output count with silu_mul; large K
+])
+def test_stream_gemv_ragged_shapes(n, k, variant):
+    check(n, k, variant, torch.bfloat16, seed=n)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_gemv_layers_in_cuda_graph():
+    """Two layers' four GEMVs captured once with PDL, replayed on new inputs: each kernel
+    reads what the one before it wrote (its weights load before the PDL wait)."""
+    dt, hidden, inter, qkv_n = torch.bfloat16, 1024, 3072, 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dt)
+
+    layers = [dict(qkv=randn(qkv_n, hidden, scale=hidden ** -0.5),
+                   o=randn(hidden, qkv_n // 2, scale=(qkv_n // 2) ** -0.5),
+                   gate_up=randn(2 * inter, hidden, scale=hidden ** -0.5),
+                   down=randn(hidden, inter, scale=inter ** -0.5),
+                   ln1=(1 + 0.1 * randn(hidden)), ln2=(1 + 0.1 * randn(hidden)))
+              for _ in range(2)]
+    stream = torch.zeros(1, hidden, dtype=dt, device="cuda")
+
+    def run(gemm, s):
+        outs = []
+        for ly in layers:
+            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6)
+            gemm(qkv[:, : qkv_n // 2].contiguous(), ly["o"], None, add_to=s)
+            act = gemm(s, ly["gate_up"], None, norm_weight=ly["ln2"], eps=1e-6, silu_mul=True)
+            gemm(act, ly["down"], None, add_to=s)
+            outs.append(qkv)
+        return outs
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(stream_gemv, stream)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run(stream_gemv, stream)
+    for _ in range(3):
+        start = randn(1, hidden)
+        stream.copy_(start)
+        graph.replay()
+        ref_stream = start.clone()
+        ref_outs = run(skinny_gemm_ref, ref_stream)
+        torch.cuda.synchronize()
+        for got, want in zip(outs, ref_outs, strict=True):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(stream.float(), ref_stream.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_one_token_gemm_dispatch(monkeypatch):
+    """The engine's one-token GEMM runs stream_gemv where supported and the Triton kernel
+    otherwise (two rows, float32, the env switch), with the same results."""
+    from paged_backend.layers import fused_kernels
+
+    x, weight, kw = make_inputs(1024, 2048, "norm_bias_add", torch.bfloat16)
+    expected = skinny_gemm_ref(x, weight, **dict(kw, add_to=kw["add_to"].clone()))
+    calls = []
+    import paged_backend.kernels.stream_gemv as sg
+    real = sg.stream_gemv
+    monkeypatch.setattr(sg, "stream_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = fused_kernels.one_token_gemm(x, weight, **dict(kw, add_to=kw["add_to"].clone()))
+    assert calls == [1]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+    monkeypatch.setenv(STREAM_GEMV_ENV, "0")
+    out = fused_kernels.one_token_gemm(x, weight, **dict(kw, add_to=kw["add_to"].clone()))
+    assert calls == [1]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_stream_gemv_policy(monkeypatch):
+    """Which calls the CUDA kernel takes: never CPU tensors, two rows, float32, K not a
+    multiple of 8, a misaligned x, mismatched dtypes; the env switch turns it off."""
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    assert not stream_gemv_supported(x, w)  # CPU
+    if not hopper():
+        return
+    x, w = x.cuda(), w.cuda()
+    assert stream_gemv_supported(x, w)
+    assert stream_gemv_supported(x, w, silu_mul=True)
+    assert not stream_gemv_supported(x.repeat(2, 1), w)
+    assert not stream_gemv_supported(x.float(), w.float())
+    assert not stream_gemv_supported(x.half(), w)
+    assert not stream_gemv_supported(torch.randn(1, 60, device="cuda", dtype=torch.bfloat16),
+                                     w[:, :60].contiguous())
+    base = torch.randn(1, 72, device="cuda", dtype=torch.bfloat16)
+    assert not stream_gemv_supported(base[:, 1:65], w)  # x not 16-byte aligned
+    assert not stream_gemv_supported(x, w[:31], silu_mul=True)  # odd gate/up rows
+    assert not stream_gemv_supported(x, torch.randn(300000, 64, device="cuda",
+                                                    dtype=torch.bfloat16))  # span too big
+    monkeypatch.setenv(STREAM_GEMV_ENV, "0")
+    assert not stream_gemv_supported(x, w)
