@@ -7,7 +7,8 @@ batch bucket back to back on the inputs the last step left in its static buffers
 time per replay from CUDA events):
 
 - the graph alone (decoder layers and the final norm);
-- plus the LM head and argmax, launched eagerly as the runner does for greedy rows;
+- plus the LM head and argmax, launched eagerly as the runner does for greedy rows
+  (the model's `greedy_tokens`; also timed as cuBLAS logits + torch argmax);
 - plus a device-to-host copy of the token (one sync per step, as the engine reads it).
 
     python benchmarks/graph_step.py --shape qwen3-0.6b --bench-dir ../shared/bench
@@ -62,13 +63,19 @@ def main() -> None:
     def replay():
         graphs.replay(b)
 
+    def torch_head(h):
+        return model.compute_logits(h, upcast=False).argmax(dim=-1)
+
+    head = getattr(model, "greedy_tokens", torch_head)  # what the runner calls
+
+    def with_torch_head():
+        torch_head(graphs.replay(b))
+
     def with_head():
-        h = graphs.replay(b)
-        model.compute_logits(h, upcast=False).argmax(dim=-1)
+        head(graphs.replay(b))
 
     def with_sync():
-        h = graphs.replay(b)
-        model.compute_logits(h, upcast=False).argmax(dim=-1).cpu()
+        head(graphs.replay(b)).cpu()
 
     def gpu_us(fn) -> float:
         fn()
@@ -82,12 +89,14 @@ def main() -> None:
         return start.elapsed_time(end) * 1e3 / a.replays
 
     g, h, s = gpu_us(replay), gpu_us(with_head), gpu_us(with_sync)
+    t = gpu_us(with_torch_head)
     name = torch.cuda.get_device_name()
     print(f"# {name}, {a.shape}, bf16 dummy weights, bucket {b}, {a.replays} replays")
     print(f"engine step ({b} requests, {a.max_tokens} tokens each): "
           f"{wall / a.max_tokens * 1e6:8.1f} us  ({b * a.max_tokens / wall:.1f} tok/s)")
     print(f"graph replay alone:                      {g:8.1f} us")
     print(f"  + LM head and argmax:                  {h:8.1f} us  (+{h - g:.1f})")
+    print(f"   (cuBLAS LM head + torch argmax:       {t:8.1f} us  (+{t - g:.1f}))")
     print(f"  + token to host each step:             {s:8.1f} us  (+{s - h:.1f})")
 
 

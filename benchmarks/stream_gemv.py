@@ -31,6 +31,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--replays", type=int, default=200)
     ap.add_argument("--no-pdl", action="store_true", help="also time stream_gemv without PDL")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    choices=["warps4", "warps16", "rg2", "rg8", "o_triton"],
+                    help="also time the chain with a variant of the CUDA kernel (experiments)")
     ap.add_argument("--skip-types", action="store_true", help="skip the per-GEMV table")
     return ap.parse_args()
 
@@ -142,6 +145,23 @@ def main() -> None:
     rows = []
     for name, gemm in (("skinny_gemm (Triton)", skinny_gemm), ("stream_gemv (CUDA)", stream_gemv)):
         rows.append((name, time_chain(chain(gemm))))
+    from paged_backend.kernels import cuda_rtc
+    import paged_backend.kernels.stream_gemv as sg
+    source, warps = sg._SOURCE, sg._NUM_WARPS
+    for v in a.variants:
+        gemm = stream_gemv
+        if v.startswith("warps"):
+            sg._NUM_WARPS = int(v[5:])
+            sg._SOURCE = source.replace("#define NWARPS 8", f"#define NWARPS {sg._NUM_WARPS}")
+        elif v.startswith("rg"):
+            sg._SOURCE = source.replace("#define RG 4", f"#define RG {v[2:]}")
+        elif v == "o_triton":
+            def gemm(x, w, b, **kw):
+                return (skinny_gemm if w.shape[1] == attn_n else stream_gemv)(x, w, b, **kw)
+        cuda_rtc._modules.clear()
+        rows.append((f"stream_gemv variant {v}", time_chain(chain(gemm))))
+        sg._SOURCE, sg._NUM_WARPS = source, warps
+        cuda_rtc._modules.clear()
     if a.no_pdl:
         os.environ[pdl.PDL_ENV] = "0"
         pdl._device_supports_pdl.cache_clear()

@@ -6,8 +6,9 @@ it is CUDA C++. This module is the small runtime it needs, with no build step
 and no extra package:
 
 - `compile_module(source, name)` compiles the source once per device with
-  NVRTC (libnvrtc, which CUDA builds of torch load) for the device's exact
-  architecture and loads the cubin into torch's primary context.
+  NVRTC (libnvrtc: loaded by name, else from pip's `nvidia` packages) for the
+  device's exact architecture and loads the cubin into torch's primary
+  context (pushed for the call when another context is current).
 - `launch(fn, grid, block, smem, args, pdl)` launches a kernel on torch's
   current stream with `cuLaunchKernelEx`, with the programmatic-stream-
   serialization attribute when `pdl` (kernels/pdl.py states the contract), so
@@ -19,13 +20,64 @@ NVRTC libraries); callers fall back to their Triton kernel otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import glob
+import os
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
+
+# Device helpers the kernels' sources start with: 16-bit floats as raw bits (no CUDA
+# headers needed), conversions with round-to-nearest-even, a warp sum.
+DEVICE_HELPERS = r"""
+typedef unsigned short u16;
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  unsigned r;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
+               : "=r"(r) : "l"(p));
+  return r;
+}
+
+template <bool BF16> __device__ __forceinline__ float to_f(u16 h) {
+  if constexpr (BF16) {
+    return __uint_as_float(((unsigned)h) << 16);
+  } else {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+  }
+}
+
+template <bool BF16> __device__ __forceinline__ u16 from_f(float f) {
+  u16 h;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  }
+  return h;
+}
+
+template <bool BF16> __device__ __forceinline__ void unpack8(uint4 v, float* f) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = to_f<BF16>((u16)(w[j] & 0xffffu));
+    f[2 * j + 1] = to_f<BF16>((u16)(w[j] >> 16));
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+"""
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
@@ -55,7 +107,15 @@ def _libcuda() -> ctypes.CDLL:
 @functools.cache
 def _libnvrtc() -> ctypes.CDLL:
     major = (torch.version.cuda or "0").split(".")[0]
-    for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+    names = [f"libnvrtc.so.{major}", "libnvrtc.so"]
+    try:  # pip wheels keep it under site-packages/nvidia/.../lib
+        import nvidia  # type: ignore[import-not-found]
+        for root in nvidia.__path__:
+            names += sorted(glob.glob(os.path.join(root, "**", f"libnvrtc.so.{major}*"),
+                                      recursive=True))
+    except ImportError:
+        pass
+    for name in names:
         try:
             return ctypes.CDLL(name)
         except OSError:
@@ -66,11 +126,12 @@ def _libnvrtc() -> ctypes.CDLL:
 @functools.cache
 def available() -> bool:
     """Whether kernels can be compiled and launched here: a CUDA (not ROCm) torch with a
-    device, and the driver and NVRTC libraries."""
+    device, a driver with `cuLaunchKernelEx` (CUDA 12+) and the NVRTC library."""
     if torch.version.hip is not None or torch.version.cuda is None or not torch.cuda.is_available():
         return False
     try:
-        _libcuda()
+        if not hasattr(_libcuda(), "cuLaunchKernelEx"):
+            return False
         _libnvrtc()
     except OSError:
         return False
@@ -85,24 +146,33 @@ def _check_cu(result: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: CUDA error {result} ({text})")
 
 
-_tls = threading.local()
-
-
-def _ensure_context(device_index: int) -> None:
-    """Make torch's primary context of the device current on this thread (driver calls
-    need one; the runtime sets it only lazily)."""
-    if getattr(_tls, "device", None) == device_index:
-        cur = ctypes.c_void_p()
-        _check_cu(_libcuda().cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
-        if cur.value:
-            return
+@functools.cache
+def _primary_context(device_index: int) -> ctypes.c_void_p:
+    """Torch's (the runtime's) primary context of a device, retained once per process."""
     torch.cuda.init()
     lib = _libcuda()
     dev, ctx = ctypes.c_int(), ctypes.c_void_p()
     _check_cu(lib.cuDeviceGet(ctypes.byref(dev), device_index), "cuDeviceGet")
     _check_cu(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-    _check_cu(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-    _tls.device = device_index
+    return ctx
+
+
+@contextlib.contextmanager
+def _context(device_index: int) -> Iterator[None]:
+    """Run driver calls in the device's primary context: pushed on this thread when another
+    (or none) is current, popped after, so torch's current device is left as it was."""
+    ctx = _primary_context(device_index)
+    lib = _libcuda()
+    cur = ctypes.c_void_p()
+    _check_cu(lib.cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
+    if cur.value == ctx.value:
+        yield
+        return
+    _check_cu(lib.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        _check_cu(lib.cuCtxPopCurrent_v2(ctypes.byref(cur)), "cuCtxPopCurrent")
 
 
 def _nvrtc_compile(source: str, name: str, arch: str) -> bytes:
@@ -124,9 +194,11 @@ def _nvrtc_compile(source: str, name: str, arch: str) -> bytes:
             raise RuntimeError(f"NVRTC failed to compile {name} for {arch}:\n"
                                f"{log.value.decode(errors='replace')}")
         size = ctypes.c_size_t()
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) != _NVRTC_SUCCESS or not size.value:
+            raise RuntimeError(f"NVRTC produced no cubin for {name} ({arch})")
         cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
+        if lib.nvrtcGetCUBIN(prog, cubin) != _NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC could not return the cubin of {name} ({arch})")
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
@@ -159,9 +231,10 @@ class CudaModule:
             _check_cu(lib.cuModuleGetFunction(ctypes.byref(fn), self.handle, name.encode()),
                       f"cuModuleGetFunction({name})")
             if carveout is not None:
-                _check_cu(lib.cuFuncSetAttribute(
-                    fn, _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, carveout),
-                    "cuFuncSetAttribute(carveout)")
+                with _context(self.device_index):
+                    _check_cu(lib.cuFuncSetAttribute(
+                        fn, _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, carveout),
+                        "cuFuncSetAttribute(carveout)")
             k = self.kernels[name] = CudaKernel(fn, self.device_index)
         return k
 
@@ -180,10 +253,10 @@ def compile_module(source: str, name: str, device: torch.device) -> CudaModule:
             major, minor = torch.cuda.get_device_capability(index)
             suffix = "a" if major == 9 else ""  # sm_90a: Hopper's arch-specific features
             cubin = _nvrtc_compile(source, name, f"sm_{major}{minor}{suffix}")
-            _ensure_context(index)
             handle = ctypes.c_void_p()
-            _check_cu(_libcuda().cuModuleLoadData(ctypes.byref(handle), cubin),
-                      f"cuModuleLoadData({name})")
+            with _context(index):
+                _check_cu(_libcuda().cuModuleLoadData(ctypes.byref(handle), cubin),
+                          f"cuModuleLoadData({name})")
             mod = _modules[key] = CudaModule(handle, index, {})
     return mod
 
@@ -191,18 +264,18 @@ def compile_module(source: str, name: str, device: torch.device) -> CudaModule:
 def launch(kernel: CudaKernel, grid: int, block: int, smem: int,
            args: Sequence[ctypes._SimpleCData], pdl: bool) -> None:
     """Launch `kernel` on torch's current stream of its device (1-D grid and block)."""
-    _ensure_context(kernel.device_index)
     lib = _libcuda()
-    if smem > kernel.max_dynamic_smem:
-        _check_cu(lib.cuFuncSetAttribute(kernel.handle,
-                                         _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                  "cuFuncSetAttribute(max dynamic shared memory)")
-        kernel.max_dynamic_smem = smem
-    attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0, 1)
-    stream = torch.cuda.current_stream(kernel.device_index).cuda_stream
-    cfg = _LaunchConfig(grid, 1, 1, block, 1, 1, smem, stream,
-                        ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
-    params = (ctypes.c_void_p * len(args))(
-        *[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
-    _check_cu(lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.handle, params, None),
-              "cuLaunchKernelEx")
+    with _context(kernel.device_index):
+        if smem > kernel.max_dynamic_smem:
+            _check_cu(lib.cuFuncSetAttribute(
+                kernel.handle, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                "cuFuncSetAttribute(max dynamic shared memory)")
+            kernel.max_dynamic_smem = smem
+        attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0, 1)
+        stream = torch.cuda.current_stream(kernel.device_index).cuda_stream
+        cfg = _LaunchConfig(grid, 1, 1, block, 1, 1, smem, stream,
+                            ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
+        params = (ctypes.c_void_p * len(args))(
+            *[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        _check_cu(lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.handle, params, None),
+                  "cuLaunchKernelEx")

@@ -27,15 +27,19 @@ up on some SMs), two programs per SM (523 us), and a persistent kernel that
 streams four GEMVs through a shared-memory ring with grid barriers between
 them (640-790 us).
 
-Limits, checked by `stream_gemv_supported`: one row, bf16/fp16, K a multiple
-of 8, 16-byte aligned x / weight / norm weight, and a program's shared memory
-within STREAM_MAX_SMEM (larger weights keep the Triton kernel).
+Limits, checked by `stream_gemv_supported` (callers fall back to the Triton
+kernel): one row, bf16/fp16 on a compute-capability-9+ GPU where the kernel
+compiles, K a multiple of 8, 16-byte aligned x / weight / norm weight, bias
+and `add_to` of x's dtype and device (`add_to` not overlapping x), and a
+program's shared memory within STREAM_MAX_SMEM, the device's per-block limit
+and half an SM.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -44,9 +48,11 @@ import torch
 from . import cuda_rtc
 from .pdl import pdl_enabled
 
+logger = logging.getLogger(__name__)
+
 STREAM_GEMV_ENV = "PAGED_BACKEND_STREAM_GEMV"
 
-_SOURCE = r"""
+_SOURCE = cuda_rtc.DEVICE_HELPERS + r"""
 #define NWARPS 8
 #define RG 4  // rows per warp group
 #define F_BIAS 1
@@ -54,50 +60,6 @@ _SOURCE = r"""
 #define F_SILU 4
 #define F_ACCUM 8
 #define F_PDL 16
-
-typedef unsigned short u16;
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  unsigned r;
-  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }"
-               : "=r"(r) : "l"(p));
-  return r;
-}
-
-template <bool BF16> __device__ __forceinline__ float to_f(u16 h) {
-  if constexpr (BF16) {
-    return __uint_as_float(((unsigned)h) << 16);
-  } else {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-  }
-}
-
-template <bool BF16> __device__ __forceinline__ u16 from_f(float f) {
-  u16 h;
-  if constexpr (BF16) {
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  } else {
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  }
-  return h;
-}
-
-template <bool BF16> __device__ __forceinline__ void unpack8(uint4 v, float* f) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = to_f<BF16>((u16)(w[j] & 0xffffu));
-    f[2 * j + 1] = to_f<BF16>((u16)(w[j] >> 16));
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <bool BF16>
 __device__ __forceinline__ void store(float a, float u, int o, int n, int flags,
@@ -118,7 +80,7 @@ __device__ __forceinline__ void store(float a, float u, int o, int n, int flags,
 
 template <bool BF16>
 __device__ __forceinline__ void stream_gemv_body(
-    const u16* __restrict__ w, const u16* __restrict__ x, const u16* __restrict__ bias,
+    const u16* __restrict__ w, const u16* x, const u16* __restrict__ bias,
     const u16* __restrict__ norm_w, u16* out, int n, int k, int flags, float eps) {
   extern __shared__ __align__(128) unsigned char smem[];
   float* red = (float*)smem;                               // NWARPS floats
@@ -157,7 +119,9 @@ __device__ __forceinline__ void stream_gemv_body(
   //    x * rstd rounded, times the weight, rounded).
   float ss = 0.f;
   for (int i = tid * 8; i < k; i += NWARPS * 32 * 8) {
-    const uint4 v = *(const uint4*)(x + i);
+    uint4 v;  // x is written by the kernel before (PDL): a plain L2 load, after the wait
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(x + i) : "memory");
     *(uint4*)(xs + i) = v;
     float f[8];
     unpack8<BF16>(v, f);
@@ -254,13 +218,13 @@ __device__ __forceinline__ void stream_gemv_body(
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32) stream_gemv_bf16(
-    const u16* __restrict__ w, const u16* __restrict__ x, const u16* __restrict__ bias,
+    const u16* __restrict__ w, const u16* x, const u16* __restrict__ bias,
     const u16* __restrict__ norm_w, u16* out, int n, int k, int flags, float eps) {
   stream_gemv_body<true>(w, x, bias, norm_w, out, n, k, flags, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32) stream_gemv_f16(
-    const u16* __restrict__ w, const u16* __restrict__ x, const u16* __restrict__ bias,
+    const u16* __restrict__ w, const u16* x, const u16* __restrict__ bias,
     const u16* __restrict__ norm_w, u16* out, int n, int k, int flags, float eps) {
   stream_gemv_body<false>(w, x, bias, norm_w, out, n, k, flags, eps);
 }
@@ -283,6 +247,29 @@ def _num_sms(index: int) -> int:
 @functools.cache
 def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    """A program's shared memory at most: STREAM_MAX_SMEM, what the device allows a block,
+    and half of an SM's (less the 1 KB per block the driver keeps) so two fit side by side."""
+    p = torch.cuda.get_device_properties(index)
+    optin = getattr(p, "shared_memory_per_block_optin", STREAM_MAX_SMEM)
+    per_sm = getattr(p, "shared_memory_per_multiprocessor", 2 * STREAM_MAX_SMEM + 2048)
+    return min(STREAM_MAX_SMEM, optin, per_sm // 2 - 1024)
+
+
+@functools.cache
+def _compiles(index: int) -> bool:
+    """Whether the kernel compiles and loads on this device (checked once; a failure is
+    logged and the Triton kernel is used)."""
+    try:
+        cuda_rtc.compile_module(_SOURCE, "stream_gemv", torch.device("cuda", index))
+    except (OSError, RuntimeError) as e:
+        logger.warning("stream_gemv is unavailable on cuda:%d, using the Triton kernel: %s",
+                       index, e)
+        return False
+    return True
 
 
 def _index(device: torch.device) -> int:
@@ -324,15 +311,36 @@ def gemv_weight_supported(weight: torch.Tensor, dtype: torch.dtype, device: torc
     if not _hopper(index) or not cuda_rtc.available():
         return False
     n = n_w // 2 if silu_mul else n_w
-    return _grid_and_smem(n, k, silu_mul, index)[1] <= STREAM_MAX_SMEM
+    return _grid_and_smem(n, k, silu_mul, index)[1] <= _smem_limit(index) and _compiles(index)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def stream_gemv_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
-                          norm_weight: Optional[torch.Tensor] = None) -> bool:
-    """`gemv_weight_supported`, and x is one 16-byte aligned row of K contiguous values."""
-    return (x.dim() == 2 and x.shape[0] == 1 and weight.dim() == 2
+                          norm_weight: Optional[torch.Tensor] = None,
+                          bias: Optional[torch.Tensor] = None,
+                          add_to: Optional[torch.Tensor] = None) -> bool:
+    """`gemv_weight_supported`; x is one 16-byte aligned row of K contiguous values; a bias
+    is a contiguous vector of x's dtype and device; an `add_to` is a contiguous `[1, N]`
+    tensor of x's dtype and device that does not overlap x (and not with `silu_mul`)."""
+    if not (x.dim() == 2 and x.shape[0] == 1 and weight.dim() == 2
             and x.shape[1] == weight.shape[1] and x.stride(1) == 1 and _aligned(x)
-            and gemv_weight_supported(weight, x.dtype, x.device, silu_mul, norm_weight))
+            and gemv_weight_supported(weight, x.dtype, x.device, silu_mul, norm_weight)):
+        return False
+    if norm_weight is not None and norm_weight.device != x.device:
+        return False
+    n_w = weight.shape[0]
+    if bias is not None and not (bias.shape == (n_w,) and bias.is_contiguous()
+                                 and bias.dtype == x.dtype and bias.device == x.device):
+        return False
+    if add_to is not None and (silu_mul or not (
+            add_to.shape == (1, n_w) and add_to.is_contiguous() and add_to.dtype == x.dtype
+            and add_to.device == x.device) or _overlaps(add_to, x)):
+        return False
+    return True
 
 
 def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -340,18 +348,11 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 silu_mul: bool = False, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`skinny_gemm` for one row (same arguments, same numerics up to float32 summation
     order); the caller checks `stream_gemv_supported(x, weight, silu_mul, norm_weight)`."""
-    assert stream_gemv_supported(x, weight, silu_mul, norm_weight), (
-        "stream_gemv does not take this call (check stream_gemv_supported first)")
-    assert not (silu_mul and add_to is not None), "add_to does not combine with silu_mul"
+    if not stream_gemv_supported(x, weight, silu_mul, norm_weight, bias, add_to):
+        raise ValueError("stream_gemv does not take this call (see stream_gemv_supported)")
     n_w, k = weight.shape
     n = n_w // 2 if silu_mul else n_w
-    if bias is not None:
-        assert bias.shape == (n_w,) and bias.is_contiguous() and bias.dtype == x.dtype, (
-            f"bias must be a contiguous [{n_w}] tensor of x's dtype")
     if add_to is not None:
-        assert add_to.shape == (1, n) and add_to.dtype == x.dtype and add_to.is_contiguous(), (
-            "add_to must be a contiguous [1, N] tensor of x's dtype")
-        assert add_to.data_ptr() != x.data_ptr(), "add_to must not alias x"
         out = add_to
     else:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)

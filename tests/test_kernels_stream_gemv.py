@@ -104,7 +104,7 @@ def test_stream_gemv_qwen3_shapes(shape, variant, dtype):
 @needs_hopper
 @pytest.mark.parametrize("variant", ["plain", "norm_bias_add", "norm_bias_silu", "silu"])
 @pytest.mark.parametrize("n,k", [
-    (2, 8),  # one row per program, K below one lane's vector
+    (2, 8),  # one row per program, K one lane's 8-value vector
     (100, 264),  # fewer rows than SMs; K not a multiple of 256
     (1030, 520),  # ragged rows per program, K-split groups
     (9000, 72),  # more row groups than warps
@@ -167,7 +167,7 @@ def test_stream_gemv_layers_in_cuda_graph():
 @needs_hopper
 def test_one_token_gemm_dispatch(monkeypatch):
     """The engine's one-token GEMM runs stream_gemv where supported and the Triton kernel
-    otherwise (two rows, float32, the env switch), with the same results."""
+    otherwise (two rows, a bias of another dtype, the env switch), with the same results."""
     from paged_backend.layers import fused_kernels
 
     x, weight, kw = make_inputs(1024, 2048, "norm_bias_add", torch.bfloat16)
@@ -176,18 +176,53 @@ def test_one_token_gemm_dispatch(monkeypatch):
     import paged_backend.kernels.stream_gemv as sg
     real = sg.stream_gemv
     monkeypatch.setattr(sg, "stream_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = fused_kernels.one_token_gemm(x, weight, **dict(kw, add_to=kw["add_to"].clone()))
+
+    def run(**over):
+        args = dict(kw, add_to=kw["add_to"].clone(), **over)
+        return fused_kernels.one_token_gemm(x, weight, **args)
+
+    torch.testing.assert_close(run().float(), expected.float(), rtol=1.6e-2, atol=1e-2)
     assert calls == [1]
-    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+    two = fused_kernels.one_token_gemm(x.repeat(2, 1), weight, kw["bias"],
+                                       norm_weight=kw["norm_weight"], eps=kw["eps"])
+    assert calls == [1] and two.shape == (2, 1024)
+    # A float32 bias (the Triton kernel reads it in fp32) is not the CUDA kernel's.
+    torch.testing.assert_close(run(bias=kw["bias"].float()).float(), expected.float(),
+                               rtol=1.6e-2, atol=1e-2)
+    assert calls == [1]
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")
-    out = fused_kernels.one_token_gemm(x, weight, **dict(kw, add_to=kw["add_to"].clone()))
+    torch.testing.assert_close(run().float(), expected.float(), rtol=1.6e-2, atol=1e-2)
     assert calls == [1]
-    torch.testing.assert_close(out.float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_gemv_without_pdl_and_within_bounds(monkeypatch):
+    """With PDL off the kernel runs without griddepcontrol; stores stay inside `out`
+    (guard values around an add_to row are untouched)."""
+    from paged_backend.kernels import pdl
+
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    pdl._device_supports_pdl.cache_clear()
+    try:
+        for variant in ("norm_bias_add", "norm_bias_silu", "plain"):
+            check(1030, 520, variant, torch.bfloat16, seed=7)
+    finally:
+        monkeypatch.delenv(pdl.PDL_ENV)
+        pdl._device_supports_pdl.cache_clear()
+    x, weight, kw = make_inputs(1030, 520, "add", torch.bfloat16, seed=8)
+    buf = torch.full((3, 1030), 7.0, dtype=torch.bfloat16, device="cuda")
+    buf[1:2] = kw["add_to"]
+    expected = skinny_gemm_ref(x, weight, add_to=kw["add_to"].clone())
+    stream_gemv(x, weight, add_to=buf[1:2])
+    torch.testing.assert_close(buf[1:2].float(), expected.float(), rtol=1.6e-2, atol=2e-2)
+    assert bool((buf[0] == 7).all()) and bool((buf[2] == 7).all())
 
 
 def test_stream_gemv_policy(monkeypatch):
     """Which calls the CUDA kernel takes: never CPU tensors, two rows, float32, K not a
-    multiple of 8, a misaligned x, mismatched dtypes; the env switch turns it off."""
+    multiple of 8, a misaligned x or norm weight, mismatched dtypes, a bias of another dtype,
+    an add_to that is not contiguous or overlaps x, or with silu_mul; the env switch."""
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     w = torch.randn(32, 64, dtype=torch.bfloat16)
     assert not stream_gemv_supported(x, w)  # CPU
@@ -203,8 +238,24 @@ def test_stream_gemv_policy(monkeypatch):
                                      w[:, :60].contiguous())
     base = torch.randn(1, 72, device="cuda", dtype=torch.bfloat16)
     assert not stream_gemv_supported(base[:, 1:65], w)  # x not 16-byte aligned
+    nw = torch.ones(72, device="cuda", dtype=torch.bfloat16)
+    assert stream_gemv_supported(x, w, norm_weight=nw[:64])
+    assert not stream_gemv_supported(x, w, norm_weight=nw[1:65])  # misaligned
+    assert not stream_gemv_supported(x, w, norm_weight=nw[:64].float())
     assert not stream_gemv_supported(x, w[:31], silu_mul=True)  # odd gate/up rows
     assert not stream_gemv_supported(x, torch.randn(300000, 64, device="cuda",
                                                     dtype=torch.bfloat16))  # span too big
+    bias = torch.zeros(32, device="cuda", dtype=torch.bfloat16)
+    assert stream_gemv_supported(x, w, bias=bias)
+    assert not stream_gemv_supported(x, w, bias=bias.float())
+    add = torch.zeros(1, 32, device="cuda", dtype=torch.bfloat16)
+    assert stream_gemv_supported(x, w, add_to=add)
+    assert not stream_gemv_supported(x, w, add_to=torch.zeros(32, 2, device="cuda",
+                                                              dtype=torch.bfloat16).T[:1])
+    assert not stream_gemv_supported(x, w, silu_mul=True, add_to=add[:, :16])
+    both = torch.zeros(1, 96, device="cuda", dtype=torch.bfloat16)
+    assert not stream_gemv_supported(both[:, :64], w, add_to=both[:, 56:88])  # overlap
+    with pytest.raises(ValueError):
+        stream_gemv(x.repeat(2, 1), w)
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")
     assert not stream_gemv_supported(x, w)

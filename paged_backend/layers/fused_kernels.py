@@ -57,7 +57,7 @@ def one_token_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     where it takes the call (it streams the weights in before the previous kernel ends)."""
     from paged_backend.kernels.stream_gemv import stream_gemv, stream_gemv_supported
     if stream_gemv_supported(x, weight, kwargs.get("silu_mul", False),
-                             kwargs.get("norm_weight")):
+                             kwargs.get("norm_weight"), bias, kwargs.get("add_to")):
         return stream_gemv(x, weight, bias, **kwargs)
     from paged_backend.kernels.skinny_gemm import skinny_gemm
     return skinny_gemm(x, weight, bias, **kwargs)

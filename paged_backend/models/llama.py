@@ -237,6 +237,7 @@ class LlamaForCausalLM(torch.nn.Module):
                            window, window)
         self.model = LlamaModel(hf_config, attn_backend)
         self.lm_head = ColumnParallelLinear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self._argmax_workspace: Optional[torch.Tensor] = None  # greedy_tokens' kernel scratch
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -255,6 +256,19 @@ class LlamaForCausalLM(torch.nn.Module):
         with `upcast=False` (enough for an argmax: the cast to float32 is exact)."""
         logits = self.lm_head(hidden)
         return logits.float() if upcast else logits
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`compute_logits(hidden, upcast=False).argmax(-1)` (int64 `[N]`); one row on Hopper
+        runs as one CUDA kernel without a logits tensor (kernels/lm_head_argmax.py)."""
+        w = self.lm_head.weight
+        if (hidden.shape[0] == 1 and self.lm_head.bias is None
+                and fused_kernels.use_fused_kernels(hidden)):
+            from paged_backend.kernels import lm_head_argmax as lha
+            if lha.lm_head_argmax_supported(hidden, w):
+                if self._argmax_workspace is None or self._argmax_workspace.device != hidden.device:
+                    self._argmax_workspace = lha.new_workspace(hidden.device)
+                return lha.lm_head_argmax(hidden, w, self._argmax_workspace)
+        return self.compute_logits(hidden, upcast=False).argmax(dim=-1)
 
     def _map_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         if "rotary_emb.inv_freq" in name:

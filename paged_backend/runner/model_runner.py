@@ -441,7 +441,9 @@ class ModelRunner:
         if rows:
             h = hidden[:len(rows)] if inp.sample_idx is None else hidden.index_select(0, inp.sample_idx)
             if plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
-                sampled = self.model.compute_logits(h, upcast=False).argmax(dim=-1)
+                greedy = getattr(self.model, "greedy_tokens", None)
+                sampled = (greedy(h) if greedy is not None
+                           else self.model.compute_logits(h, upcast=False).argmax(dim=-1))
             else:
                 logits = self.model.compute_logits(h)
                 res = self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
