@@ -26,20 +26,9 @@ from paged_backend.kernels.stream_gemv import (  # noqa: E402
     stream_gemv_supported,
 )
 
-# (norm, silu_mul, bias, add_to); tolerances as the skinny GEMM's GPU tests state them.
-VARIANTS = {
-    "plain": (False, False, False, False),
-    "bias": (False, False, True, False),
-    "norm": (True, False, False, False),
-    "norm_bias": (True, False, True, False),
-    "silu": (False, True, False, False),
-    "norm_silu": (True, True, False, False),
-    "norm_bias_silu": (True, True, True, False),
-    "add": (False, False, False, True),
-    "norm_bias_add": (True, False, True, True),
-}
-TOL = {torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}
-MEAN_TOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}
+# (norm, silu_mul, bias, add_to) variants and tolerances: the skinny GEMM's (same numerics).
+from test_kernels_skinny_gemm import GPU_TOL as TOL  # noqa: E402
+from test_kernels_skinny_gemm import MEAN_TOL, VARIANTS  # noqa: E402
 
 
 def hopper() -> bool:
