@@ -2,8 +2,9 @@
 
 The one-token GEMV (`stream_gemv`) keeps asynchronous copies into shared
 memory in flight across a kernel's PDL wait, which Triton cannot express, so
-it is CUDA C++. This module is the small runtime it needs, with no build step
-and no extra package:
+it is CUDA C++, as is its companion for the greedy LM head
+(`lm_head_argmax`). This module is the small runtime they need, with no build
+step and no extra package:
 
 - `compile_module(source, name)` compiles the source once per device with
   NVRTC (libnvrtc: loaded by name, else from pip's `nvidia` packages) for the
@@ -15,7 +16,7 @@ and no extra package:
   launches are captured by CUDA graphs like Triton's.
 
 `available()` says whether all of that is present (CUDA device, driver and
-NVRTC libraries); callers fall back to their Triton kernel otherwise.
+NVRTC libraries); callers fall back to their Triton / torch path otherwise.
 """
 
 from __future__ import annotations

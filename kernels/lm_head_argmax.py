@@ -10,8 +10,8 @@ non-caching loads, many in flight), round each logit to the model dtype as
 program to finish (a ticket counter, reset for the next call) reduces them and
 writes the token id. So the result equals `compute_logits(x, upcast=False)
 .argmax(-1)` up to float32 summation order (a near-tie of two logits may round
-the other way). NaN logits are not ordered like torch's (which returns a NaN's
-index).
+the other way); NaN logits rank first, as in torch. A workspace serves one
+stream: calls on it must not overlap (the engine runs them on its one stream).
 
 Limits (`lm_head_argmax_supported`): one row, bf16/fp16, a Hopper-or-newer GPU,
 K a multiple of 8 up to MAX_K, 16-byte aligned x and weight.
@@ -49,8 +49,11 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   return v;
 }
 
+// torch.argmax's order: NaN above everything, then the larger value, ties to the lower index.
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
-  return v > bv || (v == bv && i < bi);
+  const bool vn = v != v, bn = bv != bv;
+  if (vn != bn) return vn;
+  return (vn || v == bv) ? i < bi : v > bv;
 }
 
 template <bool BF16>
@@ -121,6 +124,7 @@ __device__ __forceinline__ void lm_head_argmax_body(
     part_idx[g] = bi;
     __threadfence();
     s_last = atomicAdd(ticket, 1u) == (unsigned)G - 1;
+    __threadfence();
   }
   __syncthreads();
   if (!s_last) return;
@@ -215,8 +219,9 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
         raise ValueError("lm_head_argmax does not take this call (see lm_head_argmax_supported)")
     if workspace is None:
         workspace = new_workspace(x.device)
-    assert (workspace.dtype == torch.int32 and workspace.numel() >= 2 * _MAX_PROGRAMS + 4
-            and workspace.device == x.device), "workspace must come from new_workspace"
+    if not (workspace.dtype == torch.int32 and workspace.numel() >= 2 * _MAX_PROGRAMS + 4
+            and workspace.device == x.device and workspace.is_contiguous()):
+        raise ValueError("workspace must come from new_workspace(x.device)")
     n, k = weight.shape
     token = torch.empty(1, dtype=torch.int64, device=x.device)
     grid = _grid(_index(x.device))

@@ -56,7 +56,8 @@ def make(n: int, k: int, dtype=torch.bfloat16, seed: int = 0):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n,k", [(151936, 1024), (32000, 4096), (1000, 264), (133, 8)])
+@pytest.mark.parametrize("n,k", [(151936, 1024), (32000, 4096), (4000, 8192), (3000, 5128),
+                                 (1000, 264), (133, 8)])
 def test_lm_head_argmax_matches_torch(n, k, dtype):
     ws = new_workspace(torch.device("cuda"))
     for seed in range(3):
@@ -78,6 +79,28 @@ def test_lm_head_argmax_ties_take_the_lower_index():
         w2[lo] = w2[hi] = 4 * x[0] / x[0].float().norm().to(x.dtype)
         token = lm_head_argmax(x, w2)
         assert token.item() == lo == reference(x, w2)[0].item()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_lm_head_argmax_ties_across_programs_and_nan():
+    """Equal maxima on both sides of a program boundary take the lower index; NaN logits rank
+    first and the first NaN wins, all -inf gives 0: torch.argmax's order."""
+    x, w = make(1000, 64)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    edge = 1000 // sms  # the first row of the second program (rows split as g * n / G)
+    w2 = w.clone()
+    w2[edge - 1] = w2[edge] = 4 * x[0] / x[0].float().norm().to(x.dtype)
+    assert lm_head_argmax(x, w2).item() == edge - 1 == reference(x, w2)[0].item()
+    w3 = w.clone()
+    w3[700, 0] = float("nan")
+    w3[300, 0] = float("nan")
+    assert lm_head_argmax(x, w3).item() == 300 == reference(x, w3)[0].item()
+    w4 = torch.full_like(w, float("nan"))
+    assert lm_head_argmax(x, w4).item() == 0 == reference(x, w4)[0].item()
+    x5 = torch.full_like(x, -1.0)
+    w5 = torch.full_like(w, float("inf"))
+    assert lm_head_argmax(x5, w5).item() == 0 == reference(x5, w5)[0].item()
 
 
 @pytest.mark.gpu
@@ -118,6 +141,7 @@ def test_greedy_tokens_of_the_model():
     both = model.greedy_tokens(h)
     ref = model.compute_logits(h, upcast=False).argmax(dim=-1)
     assert torch.equal(both, ref)
+    assert one.shape == (1,) and one.dtype == ref.dtype and one.device == ref.device
     check_token(one, h[:1], model.lm_head.weight)
 
 
@@ -133,5 +157,11 @@ def test_lm_head_argmax_support_check(monkeypatch):
     assert not lm_head_argmax_supported(x.float(), w.float())
     assert not lm_head_argmax_supported(x, w[:10])  # fewer rows than SMs
     assert not lm_head_argmax_supported(x[:, :60], w[:, :60].contiguous())
+    base = torch.randn(1, 72, device="cuda", dtype=torch.bfloat16)
+    assert not lm_head_argmax_supported(base[:, 1:65], w)  # x not 16-byte aligned
+    assert not lm_head_argmax_supported(x, torch.randn(64, 1000, device="cuda",
+                                                       dtype=torch.bfloat16).T)  # not row-major
+    with pytest.raises(ValueError):
+        lm_head_argmax(x.repeat(2, 1), w)
     monkeypatch.setenv("PAGED_BACKEND_STREAM_GEMV", "0")
     assert not lm_head_argmax_supported(x, w)

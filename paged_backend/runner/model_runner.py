@@ -195,8 +195,9 @@ class ModelRunner:
         """Compile the eager path's kernel variants now rather than in the middle of a run.
 
         One forward per extend-kernel tile configuration (new tokens 2..64 after a short
-        cached prefix) and the decode kernel with and without splits. Slots are -1, so
-        nothing is written to the KV cache; the outputs are discarded.
+        cached prefix) and the decode kernel with and without splits (with the one-row
+        greedy LM head after it). Slots are -1, so nothing is written to the KV cache; the
+        outputs are discarded.
         """
         dev = self.device
         bs = self.block_size
@@ -214,7 +215,11 @@ class ModelRunner:
                 max_query_len=q, max_seq_len=seq, block_size=bs,
                 query_start_loc_cpu=[0, q], seq_lens_cpu=[seq])
             positions = torch.arange(seq - q, seq, dtype=torch.int64, device=dev)
-            self.model(torch.zeros(q, dtype=torch.int64, device=dev), positions, self.kv_caches, meta)
+            hidden = self.model(torch.zeros(q, dtype=torch.int64, device=dev), positions,
+                                self.kv_caches, meta)
+            greedy = getattr(self.model, "greedy_tokens", None)
+            if q == 1 and greedy is not None:  # the one-row greedy LM head (compiled at first use)
+                greedy(hidden[-1:])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
