@@ -12,9 +12,11 @@ the wait (the skinny GEMM loads whole weight tiles there, so a weight update in 
 not be the kernel right before a forward; nothing here does that).
 `gdc_launch_dependents` lets the next PDL kernel launch early.
 
-Every kernel here that takes a `PDL` constexpr follows that contract, so a
-chain of them is safe in any order and next to kernels launched without PDL
-(those wait for full completion as usual). CUDA graphs capture the launches
+Every kernel here that takes a `PDL` constexpr follows that contract, as do
+the CUDA kernels launched through `cuda_rtc.launch(..., pdl=True)` (stream_gemv
+copies its weights before the wait), so a chain of them is safe in any order
+and next to kernels launched without PDL (those wait for full completion as
+usual). CUDA graphs capture the launches
 with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
 """
 
