@@ -169,7 +169,7 @@ def main() -> None:
         rows.append(("stream_gemv, PDL off", time_chain(chain(stream_gemv))))
     print(f"\n{a.shape}: {a.layers} layers x 4 GEMVs, {weight_bytes / 1e6:.0f} MB of weights, "
           f"{torch.cuda.get_device_name()}")
-    print(f"| kernel | us per chain | us per layer | TB/s |\n| --- | --- | --- | --- |")
+    print("| kernel | us per chain | us per layer | TB/s |\n| --- | --- | --- | --- |")
     for name, us in rows:
         print(f"| {name} | {us:.1f} | {us / a.layers:.2f} | {weight_bytes / us / 1e6:.2f} |")
 

@@ -25,12 +25,15 @@ import contextlib
 import ctypes
 import functools
 import glob
+import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Device helpers the kernels' sources start with: 16-bit floats as raw bits (no CUDA
 # headers needed), conversions with round-to-nearest-even, a warp sum.
@@ -260,6 +263,23 @@ def compile_module(source: str, name: str, device: torch.device) -> CudaModule:
                           f"cuModuleLoadData({name})")
             mod = _modules[key] = CudaModule(handle, index, {})
     return mod
+
+
+_usable: dict[tuple[str, int], bool] = {}
+
+
+def compiles(source: str, name: str, device_index: int) -> bool:
+    """Whether `source` compiles and loads on the device (tried once per name and device; a
+    failure is logged once and the caller keeps its other path)."""
+    key = (name, device_index)
+    if key not in _usable:
+        try:
+            compile_module(source, name, torch.device("cuda", device_index))
+            _usable[key] = True
+        except (OSError, RuntimeError) as e:
+            logger.warning("CUDA kernel %s is unavailable on cuda:%d: %s", name, device_index, e)
+            _usable[key] = False
+    return _usable[key]
 
 
 def launch(kernel: CudaKernel, grid: int, block: int, smem: int,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from typing import Optional
 
@@ -30,8 +29,6 @@ import torch
 from . import cuda_rtc
 from .pdl import pdl_enabled
 from .stream_gemv import STREAM_GEMV_ENV, _aligned, _hopper, _index, _num_sms
-
-logger = logging.getLogger(__name__)
 
 MAX_K = 8192  # x is kept in shared memory
 _NUM_WARPS = 16
@@ -190,19 +187,8 @@ def lm_head_argmax_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
         return False
     index = _index(x.device)
-    return _hopper(index) and cuda_rtc.available() and n >= _grid(index) and _compiles(index)
-
-
-@functools.cache
-def _compiles(index: int) -> bool:
-    """Whether the kernel compiles and loads on this device (checked once; a failure is
-    logged and the torch path is used)."""
-    try:
-        cuda_rtc.compile_module(_SOURCE, "lm_head_argmax", torch.device("cuda", index))
-    except (OSError, RuntimeError) as e:
-        logger.warning("lm_head_argmax is unavailable on cuda:%d: %s", index, e)
-        return False
-    return True
+    return (_hopper(index) and cuda_rtc.available() and n >= _grid(index)
+            and cuda_rtc.compiles(_SOURCE, "lm_head_argmax", index))
 
 
 @functools.cache

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from typing import Optional
 
@@ -47,8 +46,6 @@ import torch
 
 from . import cuda_rtc
 from .pdl import pdl_enabled
-
-logger = logging.getLogger(__name__)
 
 STREAM_GEMV_ENV = "PAGED_BACKEND_STREAM_GEMV"
 
@@ -259,19 +256,6 @@ def _smem_limit(index: int) -> int:
     return min(STREAM_MAX_SMEM, optin, per_sm // 2 - 1024)
 
 
-@functools.cache
-def _compiles(index: int) -> bool:
-    """Whether the kernel compiles and loads on this device (checked once; a failure is
-    logged and the Triton kernel is used)."""
-    try:
-        cuda_rtc.compile_module(_SOURCE, "stream_gemv", torch.device("cuda", index))
-    except (OSError, RuntimeError) as e:
-        logger.warning("stream_gemv is unavailable on cuda:%d, using the Triton kernel: %s",
-                       index, e)
-        return False
-    return True
-
-
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -311,7 +295,7 @@ def gemv_weight_supported(weight: torch.Tensor, dtype: torch.dtype, device: torc
     if not _hopper(index) or not cuda_rtc.available():
         return False
     n = n_w // 2 if silu_mul else n_w
-    return _grid_and_smem(n, k, silu_mul, index)[1] <= _smem_limit(index) and _compiles(index)
+    return _grid_and_smem(n, k, silu_mul, index)[1] <= _smem_limit(index) and cuda_rtc.compiles(_SOURCE, "stream_gemv", index)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
