@@ -154,6 +154,42 @@ def test_stream_gemv_layers_in_cuda_graph():
 
 @pytest.mark.gpu
 @needs_hopper
+def test_stream_gemv_waits_for_the_kernel_before_it():
+    """PDL contract: a kernel that lets its successor launch at once, then spends a while
+    before writing x and add_to, must still be seen complete: stream_gemv reads x and
+    add_to only after its wait (its weights may load before)."""
+    import triton
+    import triton.language as tl
+
+    from paged_backend.kernels.pdl import pdl_enabled
+
+    @triton.jit
+    def slow_writer(x_dst, x_src, add_dst, add_src, n_x, n_add, spin, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()  # the successor may start right away
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(spin):  # a dependent chain: tens of microseconds
+            acc = acc * 0.5 + 1.0
+        one = acc * 0.5  # exactly 1.0 by now: the copies below store src unchanged
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_src + offs, mask=offs < n_x)
+        tl.store(x_dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n_x)
+        a = tl.load(add_src + offs, mask=offs < n_add)
+        tl.store(add_dst + offs, (a.to(tl.float32) * one).to(a.dtype), mask=offs < n_add)
+
+    x_true, weight, kw = make_inputs(1024, 2048, "norm_bias_add", torch.bfloat16, seed=9)
+    assert pdl_enabled(x_true)
+    add_true = kw.pop("add_to")
+    expected = skinny_gemm_ref(x_true, weight, **kw, add_to=add_true.clone())
+    for _ in range(3):
+        x = torch.zeros_like(x_true)
+        add_to = torch.zeros_like(add_true)
+        slow_writer[(1,)](x, x_true, add_to, add_true, 2048, 1024, 20000, BLOCK=2048)
+        stream_gemv(x, weight, **kw, add_to=add_to)
+        torch.testing.assert_close(add_to.float(), expected.float(), rtol=1.6e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_one_token_gemm_dispatch(monkeypatch):
     """The engine's one-token GEMM runs stream_gemv where supported and the Triton kernel
     otherwise (two rows, a bias of another dtype, the env switch), with the same results."""
