@@ -21,13 +21,7 @@ from paged_backend.kernels.lm_head_argmax import (  # noqa: E402
     lm_head_argmax_supported,
     new_workspace,
 )
-
-
-def hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-needs_hopper = pytest.mark.skipif(not hopper(), reason="needs a Hopper-or-newer GPU")
+from test_kernels_stream_gemv import hopper, needs_hopper  # noqa: E402
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
