@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -282,9 +282,11 @@ def compiles(source: str, name: str, device_index: int) -> bool:
     return _usable[key]
 
 
-def launch(kernel: CudaKernel, grid: int, block: int, smem: int,
+def launch(kernel: CudaKernel, grid: Union[int, tuple[int, int, int]], block: int, smem: int,
            args: Sequence[ctypes._SimpleCData], pdl: bool) -> None:
-    """Launch `kernel` on torch's current stream of its device (1-D grid and block)."""
+    """Launch `kernel` on torch's current stream of its device (1-D block; a 1-D grid, or
+    `(x, y, z)`, which must be a whole number of clusters for a kernel with `__cluster_dims__`)."""
+    gx, gy, gz = (grid, 1, 1) if isinstance(grid, int) else grid
     lib = _libcuda()
     with _context(kernel.device_index):
         if smem > kernel.max_dynamic_smem:
@@ -294,7 +296,7 @@ def launch(kernel: CudaKernel, grid: int, block: int, smem: int,
             kernel.max_dynamic_smem = smem
         attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0, 1)
         stream = torch.cuda.current_stream(kernel.device_index).cuda_stream
-        cfg = _LaunchConfig(grid, 1, 1, block, 1, 1, smem, stream,
+        cfg = _LaunchConfig(gx, gy, gz, block, 1, 1, smem, stream,
                             ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
         params = (ctypes.c_void_p * len(args))(
             *[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])

@@ -71,14 +71,16 @@ def check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, spl
 
 def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, splits,
                         atol, normed, device="cpu", block_n=None, seed=0, theta=10000.0,
-                        slot_overrides=None):
+                        slot_overrides=None, attend=None):
     """`new_kv`: the kernel rotates q/k and caches the new token; oracle = rotary ref, KV-write
     ref, then the decode ref. Checks the output and the whole cache (no stray writes).
 
     The new token's slot is NaN-poisoned first, so a store that is missing, or lands after
     the owning program's tile loads, shows up in the output. `slot_overrides` {row: slot}
     replaces a row's slot (-1: a live row that must not be stored, as in the runner's
-    warm-up; a valid slot on a seq_len-0 padding row must not be stored either). On the
+    warm-up; a valid slot on a seq_len-0 padding row must not be stored either). `attend`
+    `(q, cache, block_tables, seq_lens, scale, new_kv)` replaces `decode_attention` (another
+    kernel under the same oracle; `splits` is then ignored past its length). On the
     CPU the result must also equal, bit for bit, the two-kernel path (`apply_rotary` with
     its KV write, then `decode_attention` of the rotated q) in float16 (both round at the
     same points), and match it to 1e-6 in float32 (where the sums of squares and FMAs may
@@ -120,9 +122,12 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
     two_kernel_tol = None if device != "cpu" else (1e-6 if dtype == torch.float32 else 0.0)
     for s in splits:
         cache = kv_cache.clone()
-        out = decode_attention(q, cache, block_tables, seq_lens_t, scale, num_splits=s,
-                               block_n=block_n,
-                               new_kv=DecodeNewKV(k, v, positions, slots, inv_freq, qw, kw, 1e-6))
+        new_kv = DecodeNewKV(k, v, positions, slots, inv_freq, qw, kw, 1e-6)
+        if attend is not None:
+            out = attend(q, cache, block_tables, seq_lens_t, scale, new_kv)
+        else:
+            out = decode_attention(q, cache, block_tables, seq_lens_t, scale, num_splits=s,
+                                   block_n=block_n, new_kv=new_kv)
         err = (out.float() - ref.float()).abs().max().item()
         assert err <= atol, f"num_splits={s}: max abs err {err}"
         # The cache equals the reference's (NaN poison untouched elsewhere), up to the
@@ -130,7 +135,7 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
         torch.testing.assert_close(cache, kv_ref, atol=atol,
                                    rtol=0 if dtype == torch.float32 else 1e-2, equal_nan=True)
         assert torch.equal(q, q_before)  # q is read, never rotated in place
-        if two_kernel_tol is not None:
+        if two_kernel_tol is not None and attend is None:
             cache2 = kv_cache.clone()
             q2, k2 = q.clone(), k.clone()
             apply_rotary(q2, k2, positions, inv_freq, qw, kw, eps=1e-6, v=v, kv_cache=cache2,

@@ -3,7 +3,8 @@
 Per layer: `forward` writes the new tokens' K/V into their slots with one kernel
 (the Llama family's layers instead have the rotary kernel store them and call
 `attend`, which starts here; on pure-decode steps they call `decode_with_new_kv`,
-where the decode kernel rotates and stores the new token itself), then a
+where the decode kernel rotates and stores the new token itself, and a step of
+at most four sequences on Hopper runs the CUDA `stream_decode` instead), then a
 batch of pure decode rows runs the split-KV decode kernel (query heads of a
 KV head packed into one `tl.dot`, partial results merged by log-sum-exp),
 and any other batch (prefill, chunked prefill, prefix hits, mixed) runs the
@@ -33,7 +34,12 @@ class TritonAttentionBackend:
         from paged_backend.kernels.decode_attention import decode_attention
         from paged_backend.kernels.extend_attention import extend_attention
         from paged_backend.kernels.kv_write import write_kv
+        from paged_backend.kernels.stream_decode import (
+            STREAM_DECODE_MAX_BATCH, stream_decode, stream_decode_supported)
         self._decode = decode_attention
+        self._stream_decode = stream_decode
+        self._stream_supported = stream_decode_supported
+        self._stream_max_batch = STREAM_DECODE_MAX_BATCH
         self._extend = extend_attention
         self._write = write_kv
 
@@ -59,6 +65,12 @@ class TritonAttentionBackend:
         one launch less per layer. Returns None, having done nothing, for other steps."""
         if not _pure_decode(meta):
             return None
+        if meta.num_seqs <= self._stream_max_batch and self._stream_supported(
+                q, kv_cache, new_kv, meta.block_tables, meta.seq_lens):
+            # A few sequences on Hopper: one CUDA kernel whose context loads before its PDL
+            # wait, splits merged in a thread-block cluster (kernels/stream_decode.py).
+            return self._stream_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                       new_kv)
         return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                             num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,
                             new_kv=new_kv)

@@ -1,0 +1,503 @@
+"""Decode attention for a few sequences whose cached context streams in before the PDL wait (Hopper).
+
+`stream_decode` computes what `decode_attention(..., new_kv=DecodeNewKV(...))`
+computes (kernels/decode_attention.py: normalize and rotate q and the new k,
+store the new k and v at the token's slot, attend over the whole context)
+with the same numerics up to float32 summation order. It exists for the
+latency of one-request decode, where the Triton split kernel and its reduce
+kernel cost two dependent launches per layer around ~1 us of memory traffic.
+
+Grid `(SPLITS, Hkv, B)`, one thread-block cluster of SPLITS programs per
+(sequence, KV head). Split `s` owns a contiguous run of the cached context
+(positions `< seq_len - 1`, written by earlier steps); the last split also
+owns the new token (a row with a negative slot stores nothing and reads all
+`seq_len` positions from the cache, as the Triton kernel does). Before `griddepcontrol.wait` every program issues 16-byte
+`cp.async` copies of its first tiles of K and V (gathered through the block
+table) into a shared-memory ring, so the context streams in while the QKV
+projection before it runs. After the wait it triggers the next launch, RMS-
+normalizes (optionally) and rotates its group's query heads (and, in the last
+split, the new k, which it stores with v at the token's slot unless the slot
+is negative), then runs an online softmax over its tiles: 32 tokens a tile,
+a group of `HEAD_DIM / 8` lanes per token for the scores, one thread per
+(head, dimension) for P @ V, P rounded to the dtype as the Triton kernel does.
+The splits' (max, sum, acc) meet through distributed shared memory: after a
+cluster barrier each program merges a slice of the outputs by log-sum-exp
+weights and stores it; a second barrier keeps every program's shared memory
+alive until all reads are done. No scratch, no second kernel, no atomics.
+
+PDL precondition (kernels/pdl.py): the block table, seq_lens and the cached
+context are read before the wait, so the kernel right before this one must not
+write them (here it is the QKV projection); anything earlier has completed.
+
+Limits, checked by `stream_decode_supported` (callers keep the Triton path):
+bf16/fp16 on a compute-capability-9+ GPU where the kernel compiles, head_dim
+64 or 128, at most 8 query heads per KV head, at most STREAM_DECODE_MAX_BATCH
+sequences, a cache whose K and V halves share strides with a contiguous last
+dim and 16-byte aligned rows, int64 positions and slots, and
+PAGED_BACKEND_STREAM_GEMV not "0" (the switch for every CUDA kernel here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from . import cuda_rtc
+from .decode_attention import DecodeNewKV
+from .pdl import pdl_enabled
+from .stream_gemv import STREAM_GEMV_ENV
+
+SPLITS = 8  # programs per (sequence, KV head): one cluster (8 is the portable maximum)
+STREAM_DECODE_MAX_BATCH = 4
+_TILE = 64  # tokens per shared-memory tile
+_STAGES = 2  # tiles in flight; the first _STAGES are issued before the PDL wait
+_NUM_THREADS = 128
+_LOG2E = 1.4426950408889634
+
+_BODY = r"""
+#define NT 128
+#define CPR (HEAD_DIM / 8)        // 16-byte chunks per row
+#define LPT CPR                   // lanes per token in the score pass
+#define TPW (32 / LPT)            // tokens per warp step
+#define NGRP (NT / HEAD_DIM)      // thread groups in P @ V
+#define HPT ((GROUP + NGRP - 1) / NGRP)  // heads per thread in P @ V
+#define HPW ((GROUP + 3) / 4)     // heads per warp in the softmax pass
+#define EPL (HEAD_DIM / 32)       // values per lane in the rotary pass
+#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
+#define F_QNORM 1
+#define F_KNORM 2
+#define F_PDL 4
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
+
+struct Smem {
+  u16 kv[STAGES][2][TILE][HEAD_DIM];  // ring of K/V tiles
+  float q[GROUP][HEAD_DIM];           // normalized, rotated, rounded query heads
+  float p[GROUP][TILE];               // scores, then probabilities
+  float alpha[GROUP];
+  float part_m[SPLITS][GROUP], part_l[SPLITS][GROUP];  // every split's results, pushed here
+  float part_acc[SPLITS][SLICE];                       // (this program's slice of acc)
+};
+static_assert(sizeof(Smem) == SMEM_BYTES, "stream_decode.py's _smem_bytes is out of date");
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ void st_cluster(float* p, unsigned rank, float v) {
+  unsigned a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_u32(p)), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(a), "f"(v) : "memory");
+}
+
+// HEAD_DIM values of one head spread over a warp (EPL consecutive values a lane): RMS-
+// normalized with HF numerics when `w` is set (nw: this lane's weights), rotated (neox: d
+// pairs with d +- D/2, the lane 16 away), in float32 (the caller rounds).
+__device__ __forceinline__ void norm_rotate(float* x, bool norm, const float* nw, float eps,
+                                            const float* cs, const float* sn, int lane) {
+  if (norm) {
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) ss += x[e] * x[e];
+    const float r = rsqrtf(warp_sum(ss) / (float)HEAD_DIM + eps);
+#pragma unroll
+    for (int e = 0; e < EPL; ++e)
+      x[e] = to_f<IS_BF16>(from_f<IS_BF16>(nw[e] * to_f<IS_BF16>(from_f<IS_BF16>(x[e] * r))));
+  }
+  float xp[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) xp[e] = __shfl_xor_sync(0xffffffffu, x[e], 16);
+  const bool first = lane < 16;
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) x[e] = x[e] * cs[e] + xp[e] * (first ? -sn[e] : sn[e]);
+}
+
+extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(NT)
+stream_decode(const u16* q, long long s_qb, long long s_qh,
+              const u16* kn, long long s_knb, long long s_knh,
+              const u16* vn, long long s_vnb, long long s_vnh,
+              u16* kc, u16* vc, long long s_blk, long long s_slot, long long s_head,
+              const int* __restrict__ bt, long long s_btb, const int* __restrict__ seq_lens,
+              const long long* pos, const long long* slots,
+              const float* __restrict__ inv_freq, const u16* __restrict__ qw,
+              const u16* __restrict__ kw, float eps, float scale_log2, u16* out,
+              int block_size, int flags) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  unsigned split;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(split));
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  // Every program of the cluster is running before any writes another's shared memory.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+
+  // Before the PDL wait: only data the kernel before this one does not write (the block
+  // table, seq_lens, positions, slots, the cached context, rotary and norm constants).
+  // The splits deal out the L positions in runs of cdiv(L, SPLITS); the new token (position
+  // L - 1) comes from q/k/v after the wait unless its slot is negative (then the row stores
+  // nothing and reads all L positions from the cache, as the Triton kernel does).
+  const int L = seq_lens[b];
+  const bool store_new = slots[b] >= 0;
+  const int per = (L + SPLITS - 1) / SPLITS;
+  const int c0 = min((int)split * per, L), c1 = min(c0 + per, L);
+  const int ntok = c1 - c0;
+  const bool owner = store_new && L > 0 && c0 <= L - 1 && L - 1 < c1;
+  const int ncache_split = owner ? ntok - 1 : ntok;
+  const int ntiles = (ntok + TILE - 1) / TILE;
+  const int* bt_row = bt + (long long)b * s_btb;
+
+  auto load_tile = [&](int t) {
+    const int i0 = t * TILE;
+    const int rows = min(TILE, ncache_split - i0);
+    if (rows > 0) {
+      u16* dst = &sm.kv[t % STAGES][0][0][0];
+      for (int idx = tid; idx < 2 * rows * CPR; idx += NT) {
+        const int half = idx >= rows * CPR;  // 0: K, 1: V
+        const int rem = idx - half * rows * CPR;
+        const int r = rem / CPR, c = rem % CPR;
+        const int p = c0 + i0 + r;
+        const long long blk = bt_row[p / block_size];
+        const long long off = blk * s_blk + (long long)(p % block_size) * s_slot +
+                              (long long)kvh * s_head + c * 8;
+        const u16* src = (half ? vc : kc) + off;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                     :: "r"(smem_u32(dst + (half * TILE + r) * HEAD_DIM + c * 8)), "l"(src)
+                     : "memory");
+      }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");  // one group per tile, even empty
+  };
+#pragma unroll
+  for (int t = 0; t < STAGES; ++t) load_tile(t);
+
+  float cs[EPL], sn[EPL], qnw[EPL], knw[EPL];
+  {
+    const float fpos = L > 0 ? (float)pos[b] : 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      const int dd = lane * EPL + e;
+      const float f = fpos * inv_freq[dd % (HEAD_DIM / 2)];
+      cs[e] = cosf(f);
+      sn[e] = sinf(f);
+      qnw[e] = (flags & F_QNORM) ? to_f<IS_BF16>(qw[dd]) : 1.f;
+      knw[e] = (flags & F_KNORM) ? to_f<IS_BF16>(kw[dd]) : 1.f;
+    }
+  }
+
+  if (flags & F_PDL) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+
+  // Rotary of this token: every split its query heads (a warp a head); the owner also k,
+  // which it stores with v at the slot and as its last tile row.
+  for (int h = warp; h < GROUP; h += 4) {
+    const u16* src = q + (long long)b * s_qb + (long long)(kvh * GROUP + h) * s_qh + lane * EPL;
+    float x[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(src[e]);
+    norm_rotate(x, flags & F_QNORM, qnw, eps, cs, sn, lane);
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) sm.q[h][lane * EPL + e] = to_f<IS_BF16>(from_f<IS_BF16>(x[e]));
+  }
+  if (owner && warp == 3) {
+    const u16* ksrc = kn + (long long)b * s_knb + (long long)kvh * s_knh + lane * EPL;
+    const u16* vsrc = vn + (long long)b * s_vnb + (long long)kvh * s_vnh + lane * EPL;
+    float x[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(ksrc[e]);
+    norm_rotate(x, flags & F_KNORM, knw, eps, cs, sn, lane);
+    const long long slot = slots[b];
+    const long long off = (slot / block_size) * s_blk + (slot % block_size) * s_slot +
+                          (long long)kvh * s_head + lane * EPL;
+    const int t = (ntok - 1) / TILE, r = (ntok - 1) % TILE;
+    u16* krow = &sm.kv[t % STAGES][0][r][lane * EPL];
+    u16* vrow = &sm.kv[t % STAGES][1][r][lane * EPL];
+    if (t < STAGES) {  // its tile is in the ring already (a later one: see the loop)
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) { krow[e] = from_f<IS_BF16>(x[e]); vrow[e] = vsrc[e]; }
+    }
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      kc[off + e] = from_f<IS_BF16>(x[e]);
+      vc[off + e] = vsrc[e];
+    }
+  }
+  __syncthreads();
+
+  // This thread's query values for the score pass (fixed 8 dimensions of every head).
+  const int chunk = lane % LPT, sub = lane / LPT;
+  float qr[GROUP][8];
+#pragma unroll
+  for (int h = 0; h < GROUP; ++h)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qr[h][e] = sm.q[h][chunk * 8 + e];
+
+  float m_run[HPW], l_run[HPW];
+#pragma unroll
+  for (int i = 0; i < HPW; ++i) { m_run[i] = NEG_INF; l_run[i] = 0.f; }
+  float acc[HPT];
+#pragma unroll
+  for (int i = 0; i < HPT; ++i) acc[i] = 0.f;
+  const int dim = tid % HEAD_DIM, grp = tid / HEAD_DIM;
+
+  for (int t = 0; t < ntiles; ++t) {
+    asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+    const int i0 = t * TILE;
+    const int n = min(TILE, ntok - i0);
+    u16 (*kt)[HEAD_DIM] = sm.kv[t % STAGES][0];
+    u16 (*vt)[HEAD_DIM] = sm.kv[t % STAGES][1];
+    if (owner && t >= STAGES && t == (ntok - 1) / TILE && tid < 2 * CPR) {
+      // A late tile holding the new token: copy it in again from the cache (stored above
+      // by this program; the CTA barriers since then make it visible).
+      const int r = (ntok - 1) % TILE, c = tid % CPR;
+      const long long slot = slots[b];
+      const u16* src = (tid < CPR ? kc : vc) + (slot / block_size) * s_blk +
+                       (slot % block_size) * s_slot + (long long)kvh * s_head + c * 8;
+      uint4 v;
+      asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src) : "memory");
+      *(uint4*)((tid < CPR ? kt[r] : vt[r]) + c * 8) = v;
+    }
+    __syncthreads();
+    // Scores (base-2, scaled): LPT lanes per token.
+#pragma unroll
+    for (int j0 = 0; j0 < TILE; j0 += 4 * TPW) {
+      const int j = j0 + warp * TPW + sub;
+      float kf[8];
+      const bool valid = j < n;
+      unpack8<IS_BF16>(valid ? *(const uint4*)(kt[j] + chunk * 8) : make_uint4(0, 0, 0, 0), kf);
+#pragma unroll
+      for (int h = 0; h < GROUP; ++h) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s += qr[h][e] * kf[e];
+#pragma unroll
+        for (int o = LPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (chunk == 0) sm.p[h][j] = valid ? s * scale_log2 : NEG_INF;
+      }
+    }
+    __syncthreads();
+    // Online softmax: a warp per head, TILE / 32 tokens a lane.
+#pragma unroll
+    for (int i = 0; i < HPW; ++i) {
+      const int h = warp + 4 * i;
+      if (h < GROUP) {
+        float x[TILE / 32], mt = NEG_INF;
+#pragma unroll
+        for (int u = 0; u < TILE / 32; ++u) { x[u] = sm.p[h][lane + 32 * u]; mt = fmaxf(mt, x[u]); }
+        const float mnew = fmaxf(m_run[i], warp_max(mt));
+        float ps = 0.f, alpha = 1.f;
+#pragma unroll
+        for (int u = 0; u < TILE / 32; ++u) {
+          const float p = mnew != NEG_INF ? exp2f(x[u] - mnew) : 0.f;
+          ps += p;
+          sm.p[h][lane + 32 * u] = to_f<IS_BF16>(from_f<IS_BF16>(p));  // rounded as in Triton
+        }
+        if (mnew != NEG_INF) alpha = exp2f(m_run[i] - mnew);  // exp2(-inf) = 0: first tile
+        l_run[i] = l_run[i] * alpha + warp_sum(ps);
+        m_run[i] = mnew;
+        if (lane == 0) sm.alpha[h] = alpha;
+      }
+    }
+    __syncthreads();
+    // P @ V: one thread per (head, dimension), two running sums per head.
+#pragma unroll
+    for (int i = 0; i < HPT; ++i) {
+      const int h = grp + NGRP * i;
+      if (h < GROUP) {
+        float a0 = acc[i] * sm.alpha[h], a1 = 0.f;
+        int j = 0;
+        for (; j + 4 <= n; j += 4) {
+          const float4 pj = *(const float4*)&sm.p[h][j];
+          a0 += pj.x * to_f<IS_BF16>(vt[j][dim]);
+          a1 += pj.y * to_f<IS_BF16>(vt[j + 1][dim]);
+          a0 += pj.z * to_f<IS_BF16>(vt[j + 2][dim]);
+          a1 += pj.w * to_f<IS_BF16>(vt[j + 3][dim]);
+        }
+        for (; j < n; ++j) a0 += sm.p[h][j] * to_f<IS_BF16>(vt[j][dim]);
+        acc[i] = a0 + a1;
+      }
+    }
+    __syncthreads();  // the slot is free: refill it
+    load_tile(t + STAGES);
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+
+  // Push this split's (m, l) to every program and each acc value to the program that
+  // merges it; one cluster barrier (release / acquire) later each merges its slice.
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < HPW; ++i) {
+    const int h = warp + 4 * i;
+    if (h < GROUP && lane < SPLITS) {
+      st_cluster(&sm.part_m[split][h], lane, m_run[i]);
+      st_cluster(&sm.part_l[split][h], lane, l_run[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < HPT; ++i) {
+    const int h = grp + NGRP * i;
+    if (h < GROUP) {
+      const int idx = h * HEAD_DIM + dim;
+      st_cluster(&sm.part_acc[split][idx % SLICE], idx / SLICE, acc[i]);
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if (tid < SLICE) {
+    const int idx = split * SLICE + tid;
+    if (idx < GROUP * HEAD_DIM) {
+      const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
+      float mx = NEG_INF;
+#pragma unroll
+      for (int r = 0; r < SPLITS; ++r) mx = fmaxf(mx, sm.part_m[r][h]);
+      float tot = 0.f, o = 0.f;
+      if (mx != NEG_INF) {
+#pragma unroll
+        for (int r = 0; r < SPLITS; ++r) {
+          const float wgt = exp2f(sm.part_m[r][h] - mx);  // empty splits: 0
+          tot += wgt * sm.part_l[r][h];
+          o += wgt * sm.part_acc[r][tid];
+        }
+      }
+      out[((long long)b * (gridDim.y * GROUP) + kvh * GROUP + h) * HEAD_DIM + d] =
+          from_f<IS_BF16>(tot > 0.f ? o / tot : 0.f);
+    }
+  }
+}
+"""
+
+
+def _source(head_dim: int, group: int, dtype: torch.dtype) -> str:
+    defs = (f"#define HEAD_DIM {head_dim}\n#define GROUP {group}\n#define SPLITS {SPLITS}\n"
+            f"#define STAGES {_STAGES}\n#define TILE {_TILE}\n#define SMEM_BYTES {_smem_bytes(head_dim, group)}\n"
+            f"#define IS_BF16 {'true' if dtype == torch.bfloat16 else 'false'}\n")
+    return cuda_rtc.DEVICE_HELPERS + defs + _BODY
+
+
+def _module_name(head_dim: int, group: int, dtype: torch.dtype) -> str:
+    return f"stream_decode_d{head_dim}_g{group}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
+
+
+def _smem_bytes(head_dim: int, group: int) -> int:
+    ring = _STAGES * 2 * _TILE * head_dim * 2
+    slice_ = -(-group * head_dim // SPLITS)
+    return (ring + group * head_dim * 4 + group * _TILE * 4 + group * 4
+            + 2 * SPLITS * group * 4 + SPLITS * slice_ * 4)
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.cache
+def _smem_optin(index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    """Whether `stream_decode` takes this decode step (see the module docstring's limits)."""
+    if q.device.type != "cuda" or q.dim() != 3 or kv_cache.dim() != 5:
+        return False
+    batch, hq, d = q.shape
+    hkv = kv_cache.shape[3]
+    if not (q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype == q.dtype
+            and d in (64, 128) and kv_cache.shape[4] == d and hq % hkv == 0
+            and 1 <= hq // hkv <= 8 and 1 <= batch <= STREAM_DECODE_MAX_BATCH):
+        return False
+    if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
+        return False
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if k_cache.stride() != v_cache.stride() or kv_cache.stride(-1) != 1:
+        return False
+    if any(s % 8 for s in k_cache.stride()[:3]) or kv_cache.data_ptr() % 16 \
+            or (kv_cache.stride(0) * kv_cache.element_size()) % 16:
+        return False
+    nk = new_kv
+    for t in (nk.k, nk.v):
+        if t.dtype != q.dtype or t.device != q.device or t.dim() != 3 or t.shape[0] < batch \
+                or t.shape[1:] != (hkv, d) or t.stride(-1) != 1:
+            return False
+    if q.stride(-1) != 1:
+        return False
+    if nk.positions.dtype != torch.int64 or nk.slot_mapping.dtype != torch.int64:
+        return False
+    if nk.positions.shape[0] < batch or nk.slot_mapping.shape[0] < batch:
+        return False
+    if nk.inv_freq.shape != (d // 2,) or nk.inv_freq.dtype != torch.float32:
+        return False
+    for w in (nk.q_norm_weight, nk.k_norm_weight):
+        if w is not None and (w.shape != (d,) or w.dtype != q.dtype or w.stride(0) != 1):
+            return False
+    if block_tables.dim() != 2 or block_tables.shape[0] < batch or seq_lens.shape[0] < batch:
+        return False
+    if not all(t.device == q.device for t in (kv_cache, block_tables, seq_lens, nk.positions,
+                                               nk.slot_mapping, nk.inv_freq)):
+        return False
+    index = _index(q.device)
+    if not _hopper(index) or not cuda_rtc.available():
+        return False
+    if _smem_bytes(d, hq // hkv) > _smem_optin(index):
+        return False
+    return cuda_rtc.compiles(_source(d, hq // hkv, q.dtype), _module_name(d, hq // hkv, q.dtype),
+                             index)
+
+
+def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, new_kv: DecodeNewKV,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`decode_attention(q, kv_cache, block_tables, seq_lens, scale, new_kv=new_kv)` for a
+    few sequences (the caller checks `stream_decode_supported`). Returns `[B, Hq, D]`."""
+    if not stream_decode_supported(q, kv_cache, new_kv, block_tables, seq_lens):
+        raise ValueError("stream_decode does not take this call (see stream_decode_supported)")
+    batch, hq, d = q.shape
+    hkv = kv_cache.shape[3]
+    group = hq // hkv
+    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        block_tables = block_tables.to(torch.int32).contiguous()
+    if seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1:
+        seq_lens = seq_lens.to(torch.int32).contiguous()
+    nk = new_kv
+    positions = nk.positions if nk.positions.stride(0) == 1 else nk.positions.contiguous()
+    slots = nk.slot_mapping if nk.slot_mapping.stride(0) == 1 else nk.slot_mapping.contiguous()
+    inv_freq = nk.inv_freq.contiguous()
+    if out is None:
+        out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
+    else:
+        assert out.shape == (batch, hq, d) and out.is_contiguous() and out.dtype == q.dtype
+    pdl = pdl_enabled(q)
+    flags = ((1 if nk.q_norm_weight is not None else 0) | (2 if nk.k_norm_weight is not None else 0)
+             | (4 if pdl else 0))
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    mod = cuda_rtc.compile_module(_source(d, group, q.dtype), _module_name(d, group, q.dtype),
+                                  q.device)
+    kernel = mod.kernel("stream_decode", carveout=100)
+    null = ctypes.c_void_p(0)
+    ll, ptr = ctypes.c_longlong, ctypes.c_void_p
+
+    def p(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
+        return ptr(t.data_ptr()) if t is not None else null
+
+    args = [p(q), ll(q.stride(0)), ll(q.stride(1)),
+            p(nk.k), ll(nk.k.stride(0)), ll(nk.k.stride(1)),
+            p(nk.v), ll(nk.v.stride(0)), ll(nk.v.stride(1)),
+            p(k_cache), p(v_cache), ll(k_cache.stride(0)), ll(k_cache.stride(1)),
+            ll(k_cache.stride(2)),
+            p(block_tables), ll(block_tables.stride(0)), p(seq_lens),
+            p(positions), p(slots), p(inv_freq), p(nk.q_norm_weight), p(nk.k_norm_weight),
+            ctypes.c_float(nk.eps), ctypes.c_float(float(scale) * _LOG2E), p(out),
+            ctypes.c_int(kv_cache.shape[2]), ctypes.c_int(flags)]
+    cuda_rtc.launch(kernel, (SPLITS, hkv, batch), _NUM_THREADS, _smem_bytes(d, group), args, pdl)
+    return out

@@ -1,0 +1,201 @@
+"""The CUDA decode-attention kernel for a few sequences (`stream_decode`) against the oracle
+of the Triton decode kernel with `new_kv` (rotary ref, KV-write ref, decode ref).
+
+The kernel is CUDA C++ compiled at run time, so it runs only on a Hopper-or-newer GPU
+(`gpu` tests): head sizes 64/128, GQA groups 1-8, block sizes, contexts from 1 token
+(only the new one) to 4096 (more tiles than the shared-memory ring holds), padding rows
+and rows that must not be stored, a CUDA graph, the PDL contract, and the backend's
+dispatch. On CPU the support check must turn CPU tensors away.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from paged_backend.kernels.decode_attention import DecodeNewKV  # noqa: E402
+from paged_backend.kernels.stream_decode import (  # noqa: E402
+    STREAM_DECODE_MAX_BATCH, stream_decode, stream_decode_supported)
+from paged_backend.kernels.stream_gemv import STREAM_GEMV_ENV  # noqa: E402
+
+from test_kernels_decode import GPU_TOL, check_decode_new_kv, make_case  # noqa: E402
+from test_kernels_stream_gemv import needs_hopper  # noqa: E402
+
+
+def _attend(q, cache, block_tables, seq_lens, scale, new_kv):
+    assert stream_decode_supported(q, cache, new_kv, block_tables, seq_lens)
+    return stream_decode(q, cache, block_tables, seq_lens, scale, new_kv)
+
+
+def test_stream_decode_rejects_cpu_tensors():
+    q, kv_cache, block_tables, seq_lens = make_case([5], 2, 2, 64, 4, torch.float16)
+    k = torch.zeros(1, 2, 64, dtype=torch.float16)
+    nk = DecodeNewKV(k, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                     torch.ones(32))
+    assert not stream_decode_supported(q, kv_cache, nk, block_tables, seq_lens)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lens", [[1], [2], [17], [384], [4095], [300, 1, 0, 2048], [33, 4096]])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stream_decode_gpu(dtype, normed, head_dim, group, block_size, lens):
+    num_kv_heads = 2 if group == 8 else 4
+    check_decode_new_kv(lens, num_kv_heads, group, head_dim, block_size, dtype, splits=[None],
+                        atol=GPU_TOL[dtype], normed=normed, device="cuda", theta=500000.0,
+                        seed=head_dim + group + len(lens), attend=_attend)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_decode_gpu_odd_block_size_and_unstored_rows():
+    """Block size 6 (tokens straddle blocks unevenly); a live row with slot -1 attends to its
+    new token without storing it; a padding row's valid slot is not stored."""
+    check_decode_new_kv([23, 200, 0], 2, 2, 128, 6, torch.bfloat16, splits=[None],
+                        atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda",
+                        slot_overrides={1: -1, 2: 5}, attend=_attend)
+
+
+def _qwen_like_case(lens, seed=0):
+    """q/k/v views of one fused QKV row block (Qwen3-0.6B's heads), a cache, a DecodeNewKV."""
+    hkv, group, d, bs = 8, 2, 128, 16
+    _, kv_cache, block_tables, seq_lens = make_case(lens, hkv, group, d, bs, torch.bfloat16,
+                                                    "cuda", seed)
+    kv_cache = torch.nan_to_num(kv_cache)  # the new tokens' slots are free blocks here
+    gen = torch.Generator().manual_seed(seed + 1)
+    qkv = torch.randn(len(lens), (group + 2) * hkv * d, generator=gen).to("cuda", torch.bfloat16)
+    q, k, v = qkv.view(len(lens), -1, d).split([group * hkv, hkv, hkv], dim=1)
+    positions = (seq_lens.long() - 1).clamp(min=0)
+    slots = torch.tensor([int(block_tables[b, (n - 1) // bs]) * bs + (n - 1) % bs
+                          for b, n in enumerate(lens)], device="cuda")
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    w = (torch.rand(d, generator=gen) + 0.5).to("cuda", torch.bfloat16)
+    return qkv, q, kv_cache, block_tables, seq_lens, DecodeNewKV(k, v, positions, slots,
+                                                                 inv_freq, w, w, 1e-6)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_decode_waits_for_the_kernel_before_it():
+    """PDL contract: a predecessor that lets the kernel launch at once and writes q, k, v
+    late must still be seen complete (only the cached context loads before the wait)."""
+    import triton
+    import triton.language as tl
+
+    from paged_backend.kernels.decode_attention import decode_attention
+    from paged_backend.kernels.pdl import pdl_enabled
+
+    @triton.jit
+    def slow_writer(dst, src, n, spin, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(spin):
+            acc = acc * 0.5 + 1.0
+        one = acc * 0.5
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(src + offs, mask=offs < n)
+        tl.store(dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n)
+
+    qkv_true, _, kv_cache, block_tables, seq_lens, nk_true = _qwen_like_case([300])
+    assert pdl_enabled(qkv_true)
+    cache_ref = kv_cache.clone()
+    q_t, _, _ = qkv_true.view(1, -1, 128).split([16, 8, 8], dim=1)
+    expected = decode_attention(q_t, cache_ref, block_tables, seq_lens, 128 ** -0.5,
+                                new_kv=nk_true)
+    for _ in range(3):
+        qkv = torch.zeros_like(qkv_true)
+        q, k, v = qkv.view(1, -1, 128).split([16, 8, 8], dim=1)
+        nk = DecodeNewKV(k, v, *[getattr(nk_true, f) for f in (
+            "positions", "slot_mapping", "inv_freq", "q_norm_weight", "k_norm_weight", "eps")])
+        cache = kv_cache.clone()
+        n = qkv.numel()
+        slow_writer[(1,)](qkv, qkv_true, n, 20000, BLOCK=triton.next_power_of_2(n))
+        out = stream_decode(q, cache, block_tables, seq_lens, 128 ** -0.5, nk)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, cache_ref, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_decode_in_a_cuda_graph():
+    """Captured once, replayed with new lengths, positions and slots: the grid and shared
+    memory do not depend on the context length (the ring streams any number of tiles)."""
+    from paged_backend.kernels.decode_attention import decode_attention
+
+    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case([4000, 7, 1500])
+    scale = 128 ** -0.5
+    static_lens = torch.tensor([5, 5, 5], dtype=torch.int32, device="cuda")
+    static_pos = torch.zeros(3, dtype=torch.long, device="cuda")
+    static_slots = torch.full((3,), -1, dtype=torch.long, device="cuda")
+    gnk = DecodeNewKV(nk.k, nk.v, static_pos, static_slots, nk.inv_freq, nk.q_norm_weight,
+                      nk.k_norm_weight, nk.eps)
+    cache = kv_cache.clone()
+    stream_decode(q, cache, block_tables, static_lens, scale, gnk)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = stream_decode(q, cache, block_tables, static_lens, scale, gnk)
+    for lens in ([4000, 7, 1500], [1, 2, 3], [0, 6, 64], [2500, 7, 1]):  # within each row's blocks
+        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        pos = (lens_t.long() - 1).clamp(min=0)
+        slots = torch.tensor([int(block_tables[b, (n - 1) // 16]) * 16 + (n - 1) % 16 if n else -1
+                              for b, n in enumerate(lens)], device="cuda")
+        cache.copy_(kv_cache)
+        static_lens.copy_(lens_t)
+        static_pos.copy_(pos)
+        static_slots.copy_(slots)
+        graph.replay()
+        ref_cache = kv_cache.clone()
+        ref = decode_attention(q, ref_cache, block_tables, lens_t, scale, new_kv=DecodeNewKV(
+            nk.k, nk.v, pos, slots, nk.inv_freq, nk.q_norm_weight, nk.k_norm_weight, nk.eps))
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_backend_dispatch(monkeypatch):
+    """The Triton backend's pure-decode path runs stream_decode for at most
+    STREAM_DECODE_MAX_BATCH sequences, the Triton kernels for more or with the switch off,
+    with the same results."""
+    import paged_backend.layers.triton_attention as ta
+    from paged_backend.layers.attention import AttentionMetadata
+
+    calls = []
+    backend = ta.TritonAttentionBackend()
+    real = backend._stream_decode
+    backend._stream_decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+
+    def run(lens):
+        qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
+        n = len(lens)
+        meta = AttentionMetadata(
+            num_tokens=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32, device="cuda"),
+            seq_lens=sl, slot_mapping=nk.slot_mapping, block_tables=bt, max_query_len=1,
+            max_seq_len=max(lens), block_size=16,
+            query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=list(lens))
+        cache = kv_cache.clone()
+        out = backend.decode_with_new_kv(q, nk, cache, meta, 128 ** -0.5)
+        ref_cache = kv_cache.clone()
+        ref = backend._decode(q, ref_cache, bt, sl, 128 ** -0.5, new_kv=nk)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2)
+
+    run([100] * STREAM_DECODE_MAX_BATCH)
+    assert calls == [1]
+    run([100] * (STREAM_DECODE_MAX_BATCH + 1))
+    assert calls == [1]
+    monkeypatch.setenv(STREAM_GEMV_ENV, "0")
+    run([100])
+    assert calls == [1]
