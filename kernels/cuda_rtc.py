@@ -282,6 +282,30 @@ def compiles(source: str, name: str, device_index: int) -> bool:
     return _usable[key]
 
 
+def _allow_smem(kernel: CudaKernel, smem: int) -> None:
+    """Opt the kernel in to `smem` bytes of dynamic shared memory (in its context)."""
+    if smem > kernel.max_dynamic_smem:
+        _check_cu(_libcuda().cuFuncSetAttribute(
+            kernel.handle, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+            "cuFuncSetAttribute(max dynamic shared memory)")
+        kernel.max_dynamic_smem = smem
+
+
+def max_active_clusters(kernel: CudaKernel, grid: tuple[int, int, int], block: int,
+                        smem: int) -> int:
+    """How many clusters of a `__cluster_dims__` kernel the device can run at once with this
+    launch shape (0: it cannot be launched at all, e.g. too much shared memory per cluster)."""
+    lib = _libcuda()
+    with _context(kernel.device_index):
+        _allow_smem(kernel, smem)
+        cfg = _LaunchConfig(*grid, block, 1, 1, smem, None, None, 0)
+        n = ctypes.c_int()
+        _check_cu(lib.cuOccupancyMaxActiveClusters(ctypes.byref(n), kernel.handle,
+                                                   ctypes.byref(cfg)),
+                  "cuOccupancyMaxActiveClusters")
+    return n.value
+
+
 def launch(kernel: CudaKernel, grid: Union[int, tuple[int, int, int]], block: int, smem: int,
            args: Sequence[ctypes._SimpleCData], pdl: bool) -> None:
     """Launch `kernel` on torch's current stream of its device (1-D block; a 1-D grid, or
@@ -289,11 +313,7 @@ def launch(kernel: CudaKernel, grid: Union[int, tuple[int, int, int]], block: in
     gx, gy, gz = (grid, 1, 1) if isinstance(grid, int) else grid
     lib = _libcuda()
     with _context(kernel.device_index):
-        if smem > kernel.max_dynamic_smem:
-            _check_cu(lib.cuFuncSetAttribute(
-                kernel.handle, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                "cuFuncSetAttribute(max dynamic shared memory)")
-            kernel.max_dynamic_smem = smem
+        _allow_smem(kernel, smem)
         attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 0, 1)
         stream = torch.cuda.current_stream(kernel.device_index).cuda_stream
         cfg = _LaunchConfig(gx, gy, gz, block, 1, 1, smem, stream,

@@ -3,44 +3,54 @@
 `stream_decode` computes what `decode_attention(..., new_kv=DecodeNewKV(...))`
 computes (kernels/decode_attention.py: normalize and rotate q and the new k,
 store the new k and v at the token's slot, attend over the whole context)
-with the same numerics up to float32 summation order. It exists for the
+with the same rounding points; results differ by float32 summation order and
+by where P is rounded (the splits' runs of positions differ). It exists for the
 latency of one-request decode, where the Triton split kernel and its reduce
 kernel cost two dependent launches per layer around ~1 us of memory traffic.
 
 Grid `(SPLITS, Hkv, B)`, one thread-block cluster of SPLITS programs per
-(sequence, KV head). Split `s` owns a contiguous run of the cached context
-(positions `< seq_len - 1`, written by earlier steps); the last split also
-owns the new token (a row with a negative slot stores nothing and reads all
-`seq_len` positions from the cache, as the Triton kernel does). Before `griddepcontrol.wait` every program issues 16-byte
+(sequence, KV head). Split `s` owns positions `[s * r, (s + 1) * r)` with
+`r = cdiv(seq_len, SPLITS)`: cached ones (written by earlier steps) and, in
+the split that holds `seq_len - 1`, the new token (a row with a negative
+slot stores nothing and reads all `seq_len` positions from the cache, as the
+Triton kernel does). Before `griddepcontrol.wait` every program issues 16-byte
 `cp.async` copies of its first tiles of K and V (gathered through the block
 table) into a shared-memory ring, so the context streams in while the QKV
 projection before it runs. After the wait it triggers the next launch, RMS-
 normalizes (optionally) and rotates its group's query heads (and, in the last
 split, the new k, which it stores with v at the token's slot unless the slot
-is negative), then runs an online softmax over its tiles: 32 tokens a tile,
+is negative), then runs an online softmax over its tiles: 64 tokens a tile,
 a group of `HEAD_DIM / 8` lanes per token for the scores, one thread per
 (head, dimension) for P @ V, P rounded to the dtype as the Triton kernel does.
-The splits' (max, sum, acc) meet through distributed shared memory: after a
-cluster barrier each program merges a slice of the outputs by log-sum-exp
-weights and stores it; a second barrier keeps every program's shared memory
-alive until all reads are done. No scratch, no second kernel, no atomics.
+The splits' (max, sum, acc) meet through distributed shared memory: each
+program pushes its (max, sum) to every program and each acc value to the
+program that merges it (`st.shared::cluster`); after one release / acquire
+cluster barrier each program merges its slice of the outputs by log-sum-exp
+weights from its own shared memory and stores it (no program reads another's
+shared memory, so none waits for the others before exiting). No scratch, no
+second kernel, no atomics.
 
-PDL precondition (kernels/pdl.py): the block table, seq_lens and the cached
-context are read before the wait, so the kernel right before this one must not
-write them (here it is the QKV projection); anything earlier has completed.
+PDL precondition (kernels/pdl.py): the block table, seq_lens, positions,
+slots and the cached context are read before the wait, so the kernel right
+before this one must not write them (in the models it is the QKV projection;
+anything earlier has completed). The wrapper therefore converts nothing (a
+conversion would be that kernel): the support check asks for int32 / int64
+tensors with unit stride as the runner passes them.
 
 Limits, checked by `stream_decode_supported` (callers keep the Triton path):
-bf16/fp16 on a compute-capability-9+ GPU where the kernel compiles, head_dim
-64 or 128, at most 8 query heads per KV head, at most STREAM_DECODE_MAX_BATCH
-sequences, a cache whose K and V halves share strides with a contiguous last
-dim and 16-byte aligned rows, int64 positions and slots, and
-PAGED_BACKEND_STREAM_GEMV not "0" (the switch for every CUDA kernel here).
+bf16/fp16 on a compute-capability-9+ GPU where the kernel compiles and an
+8-program cluster fits, head_dim 64 or 128, at most 8 query heads per KV
+head, at most STREAM_DECODE_MAX_BATCH sequences, a cache whose K and V halves
+share strides with a contiguous last dim and 16-byte aligned rows, int32
+block tables and seq_lens and int64 positions and slots with unit stride,
+and PAGED_BACKEND_STREAM_GEMV not "0" (the switch for every CUDA kernel here).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -50,6 +60,8 @@ from . import cuda_rtc
 from .decode_attention import DecodeNewKV
 from .pdl import pdl_enabled
 from .stream_gemv import STREAM_GEMV_ENV
+
+logger = logging.getLogger(__name__)
 
 SPLITS = 8  # programs per (sequence, KV head): one cluster (8 is the portable maximum)
 STREAM_DECODE_MAX_BATCH = 4
@@ -155,19 +167,19 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
     const int i0 = t * TILE;
     const int rows = min(TILE, ncache_split - i0);
     if (rows > 0) {
+      // A thread copies one 16-byte chunk c of every (NT / CPR)-th row, K rows then V rows:
+      // one block-table lookup per row.
       u16* dst = &sm.kv[t % STAGES][0][0][0];
-      for (int idx = tid; idx < 2 * rows * CPR; idx += NT) {
-        const int half = idx >= rows * CPR;  // 0: K, 1: V
-        const int rem = idx - half * rows * CPR;
-        const int r = rem / CPR, c = rem % CPR;
+      const int c = tid % CPR;
+      for (int rr = tid / CPR; rr < 2 * rows; rr += NT / CPR) {
+        const int half = rr >= rows;  // 0: K, 1: V
+        const int r = rr - half * rows;
         const int p = c0 + i0 + r;
-        const long long blk = bt_row[p / block_size];
-        const long long off = blk * s_blk + (long long)(p % block_size) * s_slot +
-                              (long long)kvh * s_head + c * 8;
-        const u16* src = (half ? vc : kc) + off;
+        const long long off = (long long)bt_row[p / block_size] * s_blk +
+                              (long long)(p % block_size) * s_slot + (long long)kvh * s_head + c * 8;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                     :: "r"(smem_u32(dst + (half * TILE + r) * HEAD_DIM + c * 8)), "l"(src)
-                     : "memory");
+                     :: "r"(smem_u32(dst + (half * TILE + r) * HEAD_DIM + c * 8)),
+                        "l"((half ? vc : kc) + off) : "memory");
       }
     }
     asm volatile("cp.async.commit_group;" ::: "memory");  // one group per tile, even empty
@@ -406,10 +418,31 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _unit_stride(t: torch.Tensor, dtype: torch.dtype, dim: int) -> bool:
+    return t.dtype == dtype and t.dim() == dim and t.stride(-1) == 1
+
+
+@functools.cache
+def _launchable(index: int, head_dim: int, group: int, dtype: torch.dtype) -> bool:
+    """The kernel compiles on the device and one 8-program cluster of it fits there."""
+    src, name = _source(head_dim, group, dtype), _module_name(head_dim, group, dtype)
+    if not cuda_rtc.compiles(src, name, index):
+        return False
+    kernel = cuda_rtc.compile_module(src, name, torch.device("cuda", index)).kernel(
+        "stream_decode", carveout=100)
+    try:
+        n = cuda_rtc.max_active_clusters(kernel, (SPLITS, 1, 1), _NUM_THREADS,
+                                         _smem_bytes(head_dim, group))
+    except RuntimeError as e:
+        logger.warning("stream_decode cannot launch its clusters on cuda:%d: %s", index, e)
+        return False
+    return n > 0
+
+
 def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
     """Whether `stream_decode` takes this decode step (see the module docstring's limits)."""
-    if q.device.type != "cuda" or q.dim() != 3 or kv_cache.dim() != 5:
+    if q.device.type != "cuda" or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         return False
     batch, hq, d = q.shape
     hkv = kv_cache.shape[3]
@@ -420,39 +453,38 @@ def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: Dec
     if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
         return False
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if k_cache.stride() != v_cache.stride() or kv_cache.stride(-1) != 1:
+    if k_cache.stride() != v_cache.stride() or kv_cache.stride(-1) != 1 or q.stride(-1) != 1:
         return False
     if any(s % 8 for s in k_cache.stride()[:3]) or kv_cache.data_ptr() % 16 \
             or (kv_cache.stride(0) * kv_cache.element_size()) % 16:
         return False
     nk = new_kv
     for t in (nk.k, nk.v):
-        if t.dtype != q.dtype or t.device != q.device or t.dim() != 3 or t.shape[0] < batch \
+        if t.dtype != q.dtype or t.dim() != 3 or t.shape[0] < batch \
                 or t.shape[1:] != (hkv, d) or t.stride(-1) != 1:
             return False
-    if q.stride(-1) != 1:
+    # Read before the PDL wait, so taken as they are (a conversion would be a kernel in front).
+    if not (_unit_stride(block_tables, torch.int32, 2) and _unit_stride(seq_lens, torch.int32, 1)
+            and _unit_stride(nk.positions, torch.int64, 1)
+            and _unit_stride(nk.slot_mapping, torch.int64, 1)
+            and nk.inv_freq.shape == (d // 2,) and _unit_stride(nk.inv_freq, torch.float32, 1)):
         return False
-    if nk.positions.dtype != torch.int64 or nk.slot_mapping.dtype != torch.int64:
+    if min(block_tables.shape[0], seq_lens.shape[0], nk.positions.shape[0],
+           nk.slot_mapping.shape[0]) < batch:
         return False
-    if nk.positions.shape[0] < batch or nk.slot_mapping.shape[0] < batch:
+    norms = [w for w in (nk.q_norm_weight, nk.k_norm_weight) if w is not None]
+    if any(w.shape != (d,) or not _unit_stride(w, q.dtype, 1) for w in norms):
         return False
-    if nk.inv_freq.shape != (d // 2,) or nk.inv_freq.dtype != torch.float32:
-        return False
-    for w in (nk.q_norm_weight, nk.k_norm_weight):
-        if w is not None and (w.shape != (d,) or w.dtype != q.dtype or w.stride(0) != 1):
-            return False
-    if block_tables.dim() != 2 or block_tables.shape[0] < batch or seq_lens.shape[0] < batch:
-        return False
-    if not all(t.device == q.device for t in (kv_cache, block_tables, seq_lens, nk.positions,
-                                               nk.slot_mapping, nk.inv_freq)):
+    if not all(t.device == q.device for t in (kv_cache, nk.k, nk.v, block_tables, seq_lens,
+                                               nk.positions, nk.slot_mapping, nk.inv_freq,
+                                               *norms)):
         return False
     index = _index(q.device)
     if not _hopper(index) or not cuda_rtc.available():
         return False
     if _smem_bytes(d, hq // hkv) > _smem_optin(index):
         return False
-    return cuda_rtc.compiles(_source(d, hq // hkv, q.dtype), _module_name(d, hq // hkv, q.dtype),
-                             index)
+    return _launchable(index, d, hq // hkv, q.dtype)
 
 
 def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -465,14 +497,7 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     batch, hq, d = q.shape
     hkv = kv_cache.shape[3]
     group = hq // hkv
-    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
-        block_tables = block_tables.to(torch.int32).contiguous()
-    if seq_lens.dtype != torch.int32 or seq_lens.stride(0) != 1:
-        seq_lens = seq_lens.to(torch.int32).contiguous()
     nk = new_kv
-    positions = nk.positions if nk.positions.stride(0) == 1 else nk.positions.contiguous()
-    slots = nk.slot_mapping if nk.slot_mapping.stride(0) == 1 else nk.slot_mapping.contiguous()
-    inv_freq = nk.inv_freq.contiguous()
     if out is None:
         out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
     else:
@@ -496,7 +521,8 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
             p(k_cache), p(v_cache), ll(k_cache.stride(0)), ll(k_cache.stride(1)),
             ll(k_cache.stride(2)),
             p(block_tables), ll(block_tables.stride(0)), p(seq_lens),
-            p(positions), p(slots), p(inv_freq), p(nk.q_norm_weight), p(nk.k_norm_weight),
+            p(nk.positions), p(nk.slot_mapping), p(nk.inv_freq), p(nk.q_norm_weight),
+            p(nk.k_norm_weight),
             ctypes.c_float(nk.eps), ctypes.c_float(float(scale) * _LOG2E), p(out),
             ctypes.c_int(kv_cache.shape[2]), ctypes.c_int(flags)]
     cuda_rtc.launch(kernel, (SPLITS, hkv, batch), _NUM_THREADS, _smem_bytes(d, group), args, pdl)

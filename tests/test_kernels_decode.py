@@ -71,7 +71,7 @@ def check_decode(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, spl
 
 def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dtype, splits,
                         atol, normed, device="cpu", block_n=None, seed=0, theta=10000.0,
-                        slot_overrides=None, attend=None):
+                        slot_overrides=None, attend=None, scale=None):
     """`new_kv`: the kernel rotates q/k and caches the new token; oracle = rotary ref, KV-write
     ref, then the decode ref. Checks the output and the whole cache (no stray writes).
 
@@ -80,7 +80,9 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
     replaces a row's slot (-1: a live row that must not be stored, as in the runner's
     warm-up; a valid slot on a seq_len-0 padding row must not be stored either). `attend`
     `(q, cache, block_tables, seq_lens, scale, new_kv)` replaces `decode_attention` (another
-    kernel under the same oracle; `splits` is then ignored past its length). On the
+    kernel under the same oracle; `splits` is then ignored past its length). A `scale`
+    well above `head_dim ** -0.5` makes the softmax nearly an argmax, so a wrong or stale
+    K/V row anywhere in a long context changes the output by O(1). On the
     CPU the result must also equal, bit for bit, the two-kernel path (`apply_rotary` with
     its KV write, then `decode_attention` of the rotated q) in float16 (both round at the
     same points), and match it to 1e-6 in float32 (where the sums of squares and FMAs may
@@ -112,10 +114,12 @@ def check_decode_new_kv(seq_lens, num_kv_heads, group, head_dim, block_size, dty
     if normed:
         qw = (torch.rand(head_dim, generator=gen) + 0.5).to(device=device, dtype=dtype)
         kw = (torch.rand(head_dim, generator=gen) + 0.5).to(device=device, dtype=dtype)
+        if normed == "q":  # q_norm only
+            kw = None
     q_rot, k_rot = apply_rotary_ref(q, k, positions, inv_freq, qw, kw, eps=1e-6)
     kv_ref = kv_cache.clone()
     write_kv_ref(k_rot, v, kv_ref, ref_slots)
-    scale = head_dim ** -0.5
+    scale = head_dim ** -0.5 if scale is None else scale
     ref = decode_attention_ref(q_rot, kv_ref, block_tables, seq_lens_t, scale)
     assert torch.isfinite(ref.float()).all()
     q_before = q.clone()

@@ -67,12 +67,92 @@ def test_stream_decode_gpu_odd_block_size_and_unstored_rows():
                         slot_overrides={1: -1, 2: 5}, attend=_attend)
 
 
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stream_decode_gpu_ring_edges_sharp_softmax(dtype, head_dim, group, block_size):
+    """A softmax scale 16x the usual makes attention nearly an argmax, so one stale or
+    misplaced row of any tile shows (as an O(1) error: the tolerance only allows for the
+    outputs now being single V rows of magnitude ~3, rounded to the dtype). Lengths put the new token in ring slot 1 (520, 1000),
+    at row 0 of a tile loaded after the wait (1032), and stream many tiles (4095, 4096)."""
+    num_kv_heads = 2 if group == 4 else 4
+    for lens in ([520], [1000], [1032], [4095, 2048, 1000, 4096]):
+        check_decode_new_kv(lens, num_kv_heads, group, head_dim, block_size, dtype,
+                            splits=[None], atol=4 * GPU_TOL[dtype], normed=True,
+                            device="cuda", theta=500000.0, seed=len(lens), attend=_attend,
+                            scale=16 * head_dim ** -0.5)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("group", [3, 5, 6, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_stream_decode_gpu_odd_groups(head_dim, group):
+    """GQA groups that are not powers of two (Llama-3.2-3B: 3, Qwen2.5-1.5B: 6, -7B: 7)."""
+    check_decode_new_kv([1, 300, 1032, 4095], 2, group, head_dim, 16, torch.bfloat16,
+                        splits=[None], atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda",
+                        seed=group, attend=_attend)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_decode_gpu_without_pdl_into_out_q_norm_only(monkeypatch):
+    """PDL off (no griddepcontrol), the result written into a given `out`, only q normed."""
+    from paged_backend.kernels import pdl
+
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    pdl._device_supports_pdl.cache_clear()
+    try:
+        assert not pdl.pdl_enabled(torch.zeros(1, device="cuda"))
+
+        def attend_out(q, cache, block_tables, seq_lens, scale, new_kv):
+            assert new_kv.q_norm_weight is not None and new_kv.k_norm_weight is None
+            out = torch.full((q.shape[0], q.shape[1], q.shape[2]), float("nan"),
+                             dtype=q.dtype, device=q.device)
+            assert stream_decode_supported(q, cache, new_kv, block_tables, seq_lens)
+            got = stream_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
+            assert got is out
+            return got
+
+        check_decode_new_kv([33, 700], 4, 2, 128, 16, torch.bfloat16, splits=[None],
+                            atol=GPU_TOL[torch.bfloat16], normed="q", device="cuda",
+                            attend=attend_out)
+    finally:
+        monkeypatch.delenv(pdl.PDL_ENV)
+        pdl._device_supports_pdl.cache_clear()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_stream_decode_supported_rejects():
+    """What the kernel does not take: head_dim 256, 16 query heads per KV head, float32,
+    int32 positions, a strided seq_lens, five sequences, a cache without a V half."""
+    qkv, q, kv_cache, bt, sl, nk = _qwen_like_case([10])
+    assert stream_decode_supported(q, kv_cache, nk, bt, sl)
+    from dataclasses import replace
+    assert not stream_decode_supported(q, kv_cache, replace(nk, positions=nk.positions.int()),
+                                       bt, sl)
+    assert not stream_decode_supported(q, kv_cache, nk, bt, torch.stack([sl, sl], 1)[:, 0])
+    assert not stream_decode_supported(q, kv_cache[:1], nk, bt, sl)
+    assert not stream_decode_supported(q.float(), kv_cache.float(), replace(
+        nk, k=nk.k.float(), v=nk.v.float(), q_norm_weight=None, k_norm_weight=None), bt, sl)
+    q5 = q.expand(5, -1, -1)
+    assert not stream_decode_supported(q5, kv_cache, nk, bt.expand(5, -1), sl.expand(5))
+    q16 = torch.zeros(1, 128, 128, dtype=q.dtype, device="cuda")
+    assert not stream_decode_supported(q16, kv_cache, nk, bt, sl)
+    c256 = torch.zeros(2, 4, 16, 8, 256, dtype=q.dtype, device="cuda")
+    q256 = torch.zeros(1, 16, 256, dtype=q.dtype, device="cuda")
+    assert not stream_decode_supported(q256, c256, nk, bt, sl)
+
+
 def _qwen_like_case(lens, seed=0):
     """q/k/v views of one fused QKV row block (Qwen3-0.6B's heads), a cache, a DecodeNewKV."""
     hkv, group, d, bs = 8, 2, 128, 16
     _, kv_cache, block_tables, seq_lens = make_case(lens, hkv, group, d, bs, torch.bfloat16,
                                                     "cuda", seed)
-    kv_cache = torch.nan_to_num(kv_cache)  # the new tokens' slots are free blocks here
     gen = torch.Generator().manual_seed(seed + 1)
     qkv = torch.randn(len(lens), (group + 2) * hkv * d, generator=gen).to("cuda", torch.bfloat16)
     q, k, v = qkv.view(len(lens), -1, d).split([group * hkv, hkv, hkv], dim=1)
