@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 
 from paged_backend import LLM, SamplingParams  # noqa: E402
 from paged_backend.runner.cuda_graphs import DecodeGraphs, batch_size_buckets  # noqa: E402
+from paged_backend.runner.prefill_graphs import PrefillGraphs, token_buckets  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter cases run on CPU")
@@ -40,11 +41,27 @@ class EagerGraphs(DecodeGraphs):
         return self.model(ids, pos, self.kv_caches, meta)
 
 
+class EagerPrefillGraphs(PrefillGraphs):
+    """The prefill graphs' static buffers and buckets; replay runs the model eagerly."""
+
+    replays: list[int]
+
+    def capture(self, pool=None) -> None:
+        self.replays = []
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        self.replays.append(bucket)
+        ids, pos, meta = self._views(bucket)
+        return self.model(ids, pos, self.kv_caches, meta)
+
+
 def test_buckets():
     assert batch_size_buckets(1) == [1]
     assert batch_size_buckets(20) == [1, 2, 4, 8, 16, 20]
     b = batch_size_buckets(256)
     assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 256 and all(x % 16 == 0 for x in b[4:])
+    assert token_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert token_buckets(100) == [16, 32, 64, 112] and token_buckets(8) == [16]
 
 
 @cpu_only
@@ -68,4 +85,33 @@ def test_graph_inputs_match_eager(tmp_path, monkeypatch, overlap):
     got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     assert runner.graphs.replays > 0
+    assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
+@cpu_only
+def test_prefill_graph_inputs_match_eager(tmp_path, monkeypatch):
+    """One-sequence prefills through the prefill graphs' static buffers (padded to a bucket,
+    chunked, after a prefix-cache hit) give the eager path's tokens."""
+    make_tiny_checkpoint("qwen3", str(tmp_path))
+    rng = random.Random(1)
+    prompts = [[rng.randrange(200) for _ in range(n)] for n in (2, 9, 16, 17, 30, 45)]
+    prompts.append(prompts[4][:24] + [rng.randrange(200) for _ in range(7)])  # prefix hit
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    args = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+                num_kv_blocks=64, max_model_len=64, max_num_batched_tokens=32)
+    ref_llm = LLM(str(tmp_path), **args)
+    ref = [ref_llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+           for p in prompts]
+    monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
+    llm = LLM(str(tmp_path), **args)
+    runner = llm.llm_engine.runner
+    runner.prefill_graphs = EagerPrefillGraphs(
+        runner.model, runner.kv_caches, max_tokens=32, max_blocks_per_seq=16, block_size=4,
+        max_model_len=64, device=runner.device)
+    runner.prefill_graphs.capture()
+    got = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    # 2 -> 16, 9 -> 16, 16, 17 -> 32, 30 -> 32, 45: chunks 32 + 13 -> 16; the hit: 7 -> 16.
+    assert runner.prefill_graphs.replays == [16, 16, 16, 32, 32, 32, 16, 16]
+    assert llm.get_stats()["prefix_cache_hit_tokens"] > 0
     assert llm.llm_engine.block_manager.num_used_blocks == 0

@@ -422,6 +422,7 @@ class LLMEngine:
             "num_mixed_steps": st.num_mixed_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
             "num_cuda_graphs": self.runner.num_cuda_graphs,
+            "num_prefill_graphs": getattr(self.runner, "num_prefill_graphs", 0),
             "num_generated_tokens": self.num_generated_tokens,
         }
 

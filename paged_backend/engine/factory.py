@@ -27,6 +27,7 @@ CPU_KV_SPACE_ENV = "PAGED_BACKEND_CPU_KV_SPACE_GIB"
 _DEFAULT_CPU_KV_GIB = 4.0
 # Largest decode batch captured as a CUDA graph (larger decode batches run eagerly).
 _MAX_GRAPH_BATCH = 512
+PREFILL_GRAPH_MAX_TOKENS = 512  # one sequence's prefill graphs cover up to this many tokens
 
 
 @dataclass(slots=True)
@@ -211,6 +212,9 @@ def build_engine(args: EngineArgs) -> LLMEngine:
         runner.warm_up_kernels(max_model_len)
     if device.type == "cuda" and not cfg.enforce_eager and getattr(backend, "graph_capturable", False):
         runner.capture_decode_graphs(min(cfg.max_num_seqs, _MAX_GRAPH_BATCH), max_model_len)
+        # One sequence's prefill up to 512 tokens: host-bound when launched eagerly.
+        runner.capture_prefill_graphs(
+            min(PREFILL_GRAPH_MAX_TOKENS, cfg.max_num_batched_tokens, max_model_len), max_model_len)
     bm = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     sched = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len)
     engine = LLMEngine(scheduler=sched, runner=runner, tokenizer=tokenizer,

@@ -33,6 +33,7 @@ from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.sampler import (LogprobsTensors, Sampler, SamplingMetadata,
                                           SamplingRow, compute_logprobs_tensors)
 from paged_backend.runner.cuda_graphs import DecodeGraphs
+from paged_backend.runner.prefill_graphs import PrefillGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class _Inputs:
     meta: Optional[AttentionMetadata]
     graph_bucket: int  # 0: eager
     sample_idx: Optional[torch.Tensor]  # None: the first num_rows hidden rows, in order
+    prefill_bucket: int = 0  # a one-sequence prefill graph's token count (0: none)
 
 
 class ModelRunner:
@@ -162,6 +164,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._staging = _Staging(device)
         self.graphs: Optional[DecodeGraphs] = None
+        self.prefill_graphs: Optional[PrefillGraphs] = None
         # The previous step's sampled tokens (device) and each request's row in it.
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
@@ -176,6 +179,11 @@ class ModelRunner:
         """Decode graphs captured (0: every step runs eagerly)."""
         return len(self.graphs.buckets) if self.graphs is not None else 0
 
+    @property
+    def num_prefill_graphs(self) -> int:
+        """One-sequence prefill graphs captured (0: prefills run eagerly)."""
+        return len(self.prefill_graphs.buckets) if self.prefill_graphs is not None else 0
+
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                            dtype: torch.dtype) -> int:
@@ -189,6 +197,14 @@ class ModelRunner:
             max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
             max_model_len=max_model_len, num_kv_heads=self.num_kv_heads, device=self.device)
         self.graphs.capture()
+
+    def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
+        """Capture CUDA graphs of one sequence's prefill for up to `max_tokens` new tokens."""
+        self.prefill_graphs = PrefillGraphs(
+            self.model, self.kv_caches, max_tokens=max_tokens,
+            max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
+            max_model_len=max_model_len, device=self.device)
+        self.prefill_graphs.capture()
 
     @torch.inference_mode()
     def warm_up_kernels(self, max_model_len: int) -> None:
@@ -294,7 +310,11 @@ class ModelRunner:
         bucket = 0
         if decode and graphs is not None and nseq <= graphs.max_batch_size:
             bucket = graphs.bucket(nseq)
-        n = bucket or num_tokens  # rows of ids / positions / slots (graph rows padded)
+        pgraphs = self.prefill_graphs
+        pbucket = 0  # one sequence's prefill graph: the eager layout in static buffers
+        if not decode and nseq == 1 and pgraphs is not None:
+            pbucket = pgraphs.bucket(num_tokens) or 0
+        n = bucket or pbucket or num_tokens  # rows of ids / positions / slots (graph rows padded)
 
         tokens, dst, src = self._token_ids(reqs, ctx, qlens, decode)
         npend = len(dst)
@@ -303,6 +323,8 @@ class ModelRunner:
         extra = 2 * npend + (0 if identity_rows else num_rows)
         if bucket and 3 * bucket + extra > graphs.i64.numel():  # no room in the static buffer
             bucket, n = 0, num_tokens
+        if pbucket and 3 * pbucket + extra > pgraphs.i64.numel():
+            pbucket, n = 0, num_tokens
         # Section starts are multiples of 16 elements in the eager layout: Triton specializes
         # kernels on pointer alignment and on integer arguments divisible by 16, so a layout
         # that moved with the batch size would compile new kernel variants mid-run.
@@ -314,7 +336,7 @@ class ModelRunner:
         if bucket:
             s_seq, s_bt = 0, bucket
         else:
-            max_blocks = _round16(max_blocks)
+            max_blocks = pgraphs.max_blocks if pbucket else _round16(max_blocks)
             s_seq = _round16(nseq + 1)
             s_bt = s_seq + _round16(nseq)
         n32 = s_bt + nseq * max_blocks
@@ -368,6 +390,11 @@ class ModelRunner:
             graphs.block_tables[:nseq, :max_blocks].copy_(
                 t32[s_bt:].view(nseq, max_blocks), non_blocking=True)
             meta = None
+        elif pbucket:  # the eager layout, in the prefill graphs' static buffers
+            d64 = pgraphs.i64
+            d64[:n64].copy_(t64, non_blocking=True)
+            pgraphs.i32[:n32].copy_(t32, non_blocking=True)
+            meta = None
         else:
             if cuda:
                 d64 = torch.empty(n64, dtype=torch.int64, device=dev)
@@ -391,7 +418,7 @@ class ModelRunner:
             prev = self._last_sampled
             input_ids.index_copy_(0, d64[o:o + npend], prev.index_select(0, d64[o + npend:o + 2 * npend]))
         sample_idx = None if identity_rows else d64[o + 2 * npend:o + 2 * npend + num_rows]
-        return _Inputs(input_ids, d64[w:w + n], meta, bucket, sample_idx)
+        return _Inputs(input_ids, d64[w:w + n], meta, bucket, sample_idx, pbucket)
 
     # ---------------------------------------------------------------- execute
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -439,6 +466,8 @@ class ModelRunner:
         inp = self._prepare(sched, sample_rows)
         if inp.graph_bucket:
             hidden = self.graphs.replay(inp.graph_bucket)
+        elif inp.prefill_bucket:
+            hidden = self.prefill_graphs.replay(inp.prefill_bucket)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
 
