@@ -113,5 +113,6 @@ def test_prefill_graph_inputs_match_eager(tmp_path, monkeypatch):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     # 2 -> 16, 9 -> 16, 16, 17 -> 32, 30 -> 32, 45: chunks 32 + 13 -> 16; the hit: 7 -> 16.
     assert runner.prefill_graphs.replays == [16, 16, 16, 32, 32, 32, 16, 16]
-    assert llm.get_stats()["prefix_cache_hit_tokens"] > 0
+    st = llm.get_stats()
+    assert st["prefix_cache_hit_tokens"] > 0 and st["num_prefill_graphs"] == 2  # buckets 16, 32
     assert llm.llm_engine.block_manager.num_used_blocks == 0
