@@ -56,7 +56,7 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
 template <bool BF16>
 __device__ __forceinline__ void lm_head_argmax_body(
     const u16* __restrict__ w, const u16* x, int n, int k, int pdl,
-    float* part_val, int* part_idx, unsigned* ticket, long long* token) {
+    float* part_val, int* part_idx, unsigned* ticket, long long* token, long long* host_token) {
   extern __shared__ __align__(16) unsigned char smem[];
   u16* xs = (u16*)smem;
   __shared__ float s_val[NWARPS];
@@ -147,19 +147,23 @@ __device__ __forceinline__ void lm_head_argmax_body(
   for (int j = 0; j < NWARPS; ++j)
     if (better(s_val[j], s_idx[j], best, bi)) { best = s_val[j]; bi = s_idx[j]; }
   *token = (long long)bi;
+  if (host_token != nullptr) {  // mapped pinned memory: no device->host copy to queue
+    *(volatile long long*)host_token = (long long)bi;
+    __threadfence_system();
+  }
   *ticket = 0u;  // ready for the next call (stream-ordered)
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32) lm_head_argmax_bf16(
     const u16* __restrict__ w, const u16* x, int n, int k, int pdl,
-    float* part_val, int* part_idx, unsigned* ticket, long long* token) {
-  lm_head_argmax_body<true>(w, x, n, k, pdl, part_val, part_idx, ticket, token);
+    float* part_val, int* part_idx, unsigned* ticket, long long* token, long long* host_token) {
+  lm_head_argmax_body<true>(w, x, n, k, pdl, part_val, part_idx, ticket, token, host_token);
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32) lm_head_argmax_f16(
     const u16* __restrict__ w, const u16* x, int n, int k, int pdl,
-    float* part_val, int* part_idx, unsigned* ticket, long long* token) {
-  lm_head_argmax_body<false>(w, x, n, k, pdl, part_val, part_idx, ticket, token);
+    float* part_val, int* part_idx, unsigned* ticket, long long* token, long long* host_token) {
+  lm_head_argmax_body<false>(w, x, n, k, pdl, part_val, part_idx, ticket, token, host_token);
 }
 """
 
@@ -197,10 +201,13 @@ def _grid(index: int) -> int:
 
 
 def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
-                   workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   workspace: Optional[torch.Tensor] = None,
+                   host_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`(x @ weight.T).argmax(-1)` for one row x `[1, K]`: an int64 tensor `[1]`. The caller
     checks `lm_head_argmax_supported` first; `workspace` (`new_workspace`) is made per call
-    when not given."""
+    when not given. `host_out`, a pinned int64 CPU tensor of one element, also receives the
+    token, written by the kernel over PCIe (mapped memory: no copy to queue); it is valid
+    once the stream has passed the call (an event)."""
     if not lm_head_argmax_supported(x, weight):
         raise ValueError("lm_head_argmax does not take this call (see lm_head_argmax_supported)")
     if workspace is None:
@@ -208,6 +215,12 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
     if not (workspace.dtype == torch.int32 and workspace.numel() >= 2 * _MAX_PROGRAMS + 4
             and workspace.device == x.device and workspace.is_contiguous()):
         raise ValueError("workspace must come from new_workspace(x.device)")
+    host = 0
+    if host_out is not None:
+        from .host_io import host_pointer
+        host = host_pointer(host_out) if host_out.dtype == torch.int64 and host_out.numel() == 1 else None
+        if host is None:
+            raise ValueError("host_out must be one pinned, device-mapped int64 value")
     n, k = weight.shape
     token = torch.empty(1, dtype=torch.int64, device=x.device)
     grid = _grid(_index(x.device))
@@ -217,6 +230,6 @@ def lm_head_argmax(x: torch.Tensor, weight: torch.Tensor,
     args = [ctypes.c_void_p(weight.data_ptr()), ctypes.c_void_p(x.data_ptr()), ctypes.c_int(n),
             ctypes.c_int(k), ctypes.c_int(int(pdl)),
             ctypes.c_void_p(base + 16), ctypes.c_void_p(base + 16 + 4 * _MAX_PROGRAMS),
-            ctypes.c_void_p(base), ctypes.c_void_p(token.data_ptr())]
+            ctypes.c_void_p(base), ctypes.c_void_p(token.data_ptr()), ctypes.c_void_p(host)]
     cuda_rtc.launch(kernel, grid, _NUM_WARPS * 32, -(-(k * 2) // 16) * 16, args, pdl)
     return token

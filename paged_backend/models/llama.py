@@ -48,6 +48,11 @@ def _attention_biases(cfg: Any) -> tuple[bool, bool]:
     return bias, bias
 
 
+def _mapped(t: torch.Tensor) -> bool:
+    from paged_backend.kernels.host_io import host_pointer
+    return host_pointer(t) is not None
+
+
 class LlamaMLP(torch.nn.Module):
     """Gated MLP: `down(act(gate(x)) * up(x))`; SiLU runs fused with the product."""
 
@@ -257,9 +262,13 @@ class LlamaForCausalLM(torch.nn.Module):
         logits = self.lm_head(hidden)
         return logits.float() if upcast else logits
 
-    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+    def greedy_tokens(self, hidden: torch.Tensor,
+                      host_out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`compute_logits(hidden, upcast=False).argmax(-1)` (int64 `[N]`); one row on Hopper
-        runs as one CUDA kernel without a logits tensor (kernels/lm_head_argmax.py)."""
+        runs as one CUDA kernel without a logits tensor (kernels/lm_head_argmax.py).
+
+        `host_out` (pinned int64 CPU `[N]`): the tokens are also put there, by the kernel
+        itself where it runs, else by a non-blocking copy; read it after the stream passes."""
         w = self.lm_head.weight
         if (hidden.shape[0] == 1 and self.lm_head.bias is None
                 and fused_kernels.use_fused_kernels(hidden)):
@@ -267,8 +276,16 @@ class LlamaForCausalLM(torch.nn.Module):
             if lha.lm_head_argmax_supported(hidden, w):
                 if self._argmax_workspace is None or self._argmax_workspace.device != hidden.device:
                     self._argmax_workspace = lha.new_workspace(hidden.device)
-                return lha.lm_head_argmax(hidden, w, self._argmax_workspace)
-        return self.compute_logits(hidden, upcast=False).argmax(dim=-1)
+                mapped = host_out is not None and _mapped(host_out)
+                tokens = lha.lm_head_argmax(hidden, w, self._argmax_workspace,
+                                            host_out if mapped else None)
+                if host_out is not None and not mapped:
+                    host_out.copy_(tokens, non_blocking=True)
+                return tokens
+        tokens = self.compute_logits(hidden, upcast=False).argmax(dim=-1)
+        if host_out is not None:
+            host_out.copy_(tokens, non_blocking=True)
+        return tokens
 
     def _map_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         if "rotary_emb.inv_freq" in name:

@@ -5,10 +5,12 @@ CUDA graphs and the per-request random generators of seeded requests.
 
 `launch(sched)` builds the step's inputs on the host with numpy into
 (pinned, double-buffered) staging arrays, copies them to the device in two
-transfers, runs the forward pass (replaying a captured graph for decode
-steps), computes logits only where they are needed (the last token of a
-sequence that samples, and prompt positions whose logprobs were asked for),
-samples, and queues the results' copies to host memory. It returns a
+transfers (a decode-graph step on CUDA: one kernel that reads the pinned
+arrays itself, kernels/host_io.py), runs the forward pass (replaying a
+captured graph for decode steps), computes logits only where they are needed
+(the last token of a sequence that samples, and prompt positions whose
+logprobs were asked for), samples, and queues the results' copies to host
+memory (plain greedy rows: the model writes the tokens to pinned memory). It returns a
 `StepHandle` without waiting for the GPU; `StepHandle.result()` waits and
 returns plain Python results. So the engine can schedule and prepare step
 k+1 while step k runs.
@@ -16,12 +18,14 @@ k+1 while step k runs.
 A token sampled by the previous step whose value the host has not read yet
 (a request's "pending" token, see `Request.num_pending`) is fed to the next
 step from the device: the host writes a placeholder and the step gathers
-the value from the previous step's sampled-token tensor.
+the value from the previous step's sampled-token tensor (the staging kernel
+does it on the way).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -168,6 +172,7 @@ class ModelRunner:
         # The previous step's sampled tokens (device) and each request's row in it.
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
+        self._stage_ok: Optional[bool] = None  # decode inputs through kernels/host_io.py
 
     @property
     def supports_overlap(self) -> bool:
@@ -252,6 +257,19 @@ class ModelRunner:
             gen.manual_seed(seed)
             self._generators[request_id] = gen
         return gen
+
+    def _stage_kernel(self) -> bool:
+        """Whether decode-graph steps stage their inputs with `host_io.stage_inputs` (CUDA,
+        the kernel compiles, the pinned staging arrays are device-mapped, and
+        PAGED_BACKEND_STREAM_GEMV is not "0"); else they queue three copies."""
+        if self._stage_ok is None:
+            ok = False
+            if self.device.type == "cuda" and os.environ.get("PAGED_BACKEND_STREAM_GEMV", "1") != "0":
+                from paged_backend.kernels import host_io
+                probe = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                ok = host_io.stage_supported(self.device) and host_io.host_pointer(probe) is not None
+            self._stage_ok = ok
+        return self._stage_ok
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
@@ -383,12 +401,24 @@ class ModelRunner:
 
         dev = self.device
         cuda = dev.type == "cuda"
+        staged = False  # the pending-token gather is done (by the staging kernel)
         if bucket:
             d64 = graphs.i64
-            d64[:n64].copy_(t64, non_blocking=True)
-            graphs.seq_lens[:bucket].copy_(t32[:bucket], non_blocking=True)
-            graphs.block_tables[:nseq, :max_blocks].copy_(
-                t32[s_bt:].view(nseq, max_blocks), non_blocking=True)
+            if self._stage_kernel():
+                # One kernel reads the pinned arrays over PCIe (kernels/host_io.py); a pending
+                # token's placeholder -1 - src names its row in the last sampled tensor.
+                if npend:
+                    h64[np.array(dst)] = -1 - np.array(src, dtype=np.int64)
+                from paged_backend.kernels.host_io import stage_inputs
+                stage_inputs(t64, d64, n, self._last_sampled if npend else None, t32,
+                             [(0, graphs.seq_lens[:bucket]),
+                              (s_bt, graphs.block_tables[:nseq, :max_blocks])])
+                staged = True
+            else:
+                d64[:n64].copy_(t64, non_blocking=True)
+                graphs.seq_lens[:bucket].copy_(t32[:bucket], non_blocking=True)
+                graphs.block_tables[:nseq, :max_blocks].copy_(
+                    t32[s_bt:].view(nseq, max_blocks), non_blocking=True)
             meta = None
         elif pbucket:  # the eager layout, in the prefill graphs' static buffers
             d64 = pgraphs.i64
@@ -414,7 +444,7 @@ class ModelRunner:
         self._staging.copied()
 
         input_ids = d64[:n]
-        if npend:
+        if npend and not staged:
             prev = self._last_sampled
             input_ids.index_copy_(0, d64[o:o + npend], prev.index_select(0, d64[o + npend:o + 2 * npend]))
         sample_idx = None if identity_rows else d64[o + 2 * npend:o + 2 * npend + num_rows]
@@ -474,8 +504,13 @@ class ModelRunner:
         handle = StepHandle(row_reqs, None, None, [], [])
         if rows:
             h = hidden[:len(rows)] if inp.sample_idx is None else hidden.index_select(0, inp.sample_idx)
-            if plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
-                greedy = getattr(self.model, "greedy_tokens", None)
+            greedy = getattr(self.model, "greedy_tokens", None) if plain else None
+            if greedy is not None and self.device.type == "cuda":
+                # The model puts the tokens into pinned memory itself (the LM head kernel
+                # writes them over PCIe where it runs): no separate copy to queue.
+                handle.sampled = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+                sampled = greedy(h, host_out=handle.sampled)
+            elif plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
                 sampled = (greedy(h) if greedy is not None
                            else self.model.compute_logits(h, upcast=False).argmax(dim=-1))
             else:
@@ -489,7 +524,8 @@ class ModelRunner:
                     handle.logprob_ks = [r.params.logprobs for r in rows]
             self._last_sampled = sampled
             self._last_rows = {rid: i for i, rid in enumerate(row_reqs)}
-            handle.sampled = self._to_host(sampled)
+            if handle.sampled is None:
+                handle.sampled = self._to_host(sampled)
 
         for req, c, st, cnt, k in prompt_lp:
             targets = self._to_device(req.prompt_token_ids[c + 1:c + 1 + cnt])
