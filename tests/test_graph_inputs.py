@@ -32,8 +32,8 @@ class EagerGraphs(DecodeGraphs):
 
     replays: int = 0
 
-    def capture(self) -> None:
-        pass
+    def capture(self, pool=None):
+        return pool
 
     def replay(self, bucket: int) -> torch.Tensor:
         self.replays += 1
@@ -46,8 +46,9 @@ class EagerPrefillGraphs(PrefillGraphs):
 
     replays: list[int]
 
-    def capture(self, pool=None) -> None:
+    def capture(self, pool=None):
         self.replays = []
+        return pool
 
     def replay(self, bucket: int) -> torch.Tensor:
         self.replays.append(bucket)

@@ -115,13 +115,8 @@ def test_lm_head_argmax_writes_the_token_to_pinned_memory():
 @needs_hopper
 def test_greedy_tokens_host_out():
     """One row: the kernel writes host_out; two rows: a copy does. Both match the tensor."""
-    from paged_backend.models.llama import LlamaForCausalLM
-    from transformers import LlamaConfig
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg, attn_backend=None).to("cuda", torch.bfloat16)
-    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
-    h = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    from test_kernels_lm_head_argmax import tiny_lm_head_model
+    model, h = tiny_lm_head_model()
     for rows in (1, 2):
         host = torch.full((rows,), -1, dtype=torch.int64).pin_memory()
         tokens = model.greedy_tokens(h[:rows], host_out=host)

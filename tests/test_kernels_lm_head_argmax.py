@@ -118,10 +118,8 @@ def test_lm_head_argmax_in_cuda_graph():
     assert ws[0].item() == 0  # the ticket is back to zero after every call
 
 
-@pytest.mark.gpu
-@needs_hopper
-def test_greedy_tokens_of_the_model():
-    """The Llama model's greedy_tokens: the kernel for one row, torch for two, same picks."""
+def tiny_lm_head_model():
+    """A one-layer bf16 Llama on the GPU with a random 4096 x 256 LM head, and two hidden rows."""
     from paged_backend.models.llama import LlamaForCausalLM
     from transformers import LlamaConfig
 
@@ -129,7 +127,14 @@ def test_greedy_tokens_of_the_model():
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg, attn_backend=None).to("cuda", torch.bfloat16)
     torch.nn.init.normal_(model.lm_head.weight, std=0.05)
-    h = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    return model, torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_greedy_tokens_of_the_model():
+    """The Llama model's greedy_tokens: the kernel for one row, torch for two, same picks."""
+    model, h = tiny_lm_head_model()
     one = model.greedy_tokens(h[:1])
     assert model._argmax_workspace is not None  # the kernel ran
     both = model.greedy_tokens(h)

@@ -13,21 +13,19 @@ A step with `B` sequences replays the smallest bucket `b >= B`; rows `B..b`
 are padding (slot -1: no KV write; seq_len 0: zero attention output) and
 their hidden states are ignored. The decode kernel's split count is fixed
 per bucket (its grid is part of the graph). All buckets share one memory
-pool, captured from the largest down; the output of a replay stays valid
-until the next replay.
+pool (with the prefill graphs), captured from the largest down
+(runner/graph_capture.py); the output of a replay stays valid until the next
+replay.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import torch
 
 from paged_backend.layers.attention import AttentionMetadata
-
-logger = logging.getLogger(__name__)
+from paged_backend.runner.graph_capture import capture_buckets
 
 
 def batch_size_buckets(max_batch_size: int) -> list[int]:
@@ -83,33 +81,20 @@ class DecodeGraphs:
             decode_num_splits=self.num_splits(b))
         return ids, pos, meta
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Warm up and capture every bucket (largest first, one shared memory pool)."""
-        t0 = time.perf_counter()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
-                # Padding inputs: token 0 at position 0, no KV write, empty contexts.
-                self.i64[:3 * b].zero_()
-                self.i64[2 * b:3 * b].fill_(-1)
-                self.seq_lens.zero_()
-                ids, pos, meta = self._views(b)
-                for _ in range(2):  # compile and settle the allocator outside the capture
-                    self.model(ids, pos, self.kv_caches, meta)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.model(ids, pos, self.kv_caches, meta)
-                self._graphs[b] = graph
-                self._outputs[b] = out
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d decode graphs (batch sizes up to %d) in %.1f s, %.0f MiB",
-                    len(self._graphs), self.max_batch_size, time.perf_counter() - t0, used / 2**20)
+    def _padding_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token 0 at position 0, no KV write, empty contexts: what a capture runs on."""
+        self.i64[:3 * b].zero_()
+        self.i64[2 * b:3 * b].fill_(-1)
+        self.seq_lens.zero_()
+        return self._views(b)
+
+    def capture(self, pool: Any = None) -> Any:
+        """Warm up and capture every bucket (largest first) into `pool` (a new one when None);
+        returns the pool."""
+        self._graphs, self._outputs, pool = capture_buckets(
+            self.model, self.kv_caches, self.device, self.buckets, self._padding_inputs,
+            f"decode graphs (batch sizes up to {self.max_batch_size})", pool)
+        return pool
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Replay bucket `bucket` on the current buffers; returns hidden states `[bucket, H]`."""

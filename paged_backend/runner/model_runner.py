@@ -169,6 +169,7 @@ class ModelRunner:
         self._staging = _Staging(device)
         self.graphs: Optional[DecodeGraphs] = None
         self.prefill_graphs: Optional[PrefillGraphs] = None
+        self._graph_pool: Any = None  # the memory pool both kinds of graphs are captured into
         # The previous step's sampled tokens (device) and each request's row in it.
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
@@ -201,7 +202,7 @@ class ModelRunner:
             self.model, self.kv_caches, max_batch_size=max_batch_size,
             max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
             max_model_len=max_model_len, num_kv_heads=self.num_kv_heads, device=self.device)
-        self.graphs.capture()
+        self._graph_pool = self.graphs.capture(self._graph_pool)
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs of one sequence's prefill for up to `max_tokens` new tokens."""
@@ -209,7 +210,7 @@ class ModelRunner:
             self.model, self.kv_caches, max_tokens=max_tokens,
             max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
             max_model_len=max_model_len, device=self.device)
-        self.prefill_graphs.capture()
+        self._graph_pool = self.prefill_graphs.capture(self._graph_pool)
 
     @torch.inference_mode()
     def warm_up_kernels(self, max_model_len: int) -> None:

@@ -25,15 +25,12 @@ decode graphs.
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any, Optional
 
 import torch
 
 from paged_backend.layers.attention import AttentionMetadata
-
-logger = logging.getLogger(__name__)
+from paged_backend.runner.graph_capture import capture_buckets
 
 SEQ_LENS_OFFSET = 16  # int32 offsets in `i32`, as the runner's eager layout places them
 BLOCK_TABLE_OFFSET = 32
@@ -86,35 +83,22 @@ class PrefillGraphs:
             query_start_loc_cpu=[0, t], seq_lens_cpu=[t])
         return self.i64[:t], self.i64[t:2 * t], meta
 
-    @torch.inference_mode()
-    def capture(self, pool: Any = None) -> None:
-        """Warm up and capture every bucket (largest first) into `pool` (a new one if None)."""
-        t0 = time.perf_counter()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for t in reversed(self.buckets):
-                # Padding inputs: t tokens of a fresh sequence, nothing written to the cache.
-                self.i64.zero_()
-                self.i64[2 * t:3 * t].fill_(-1)
-                self.i32.zero_()
-                self.i32[1] = t
-                self.i32[SEQ_LENS_OFFSET] = t
-                ids, pos, meta = self._views(t)
-                for _ in range(2):  # compile and settle the allocator outside the capture
-                    self.model(ids, pos, self.kv_caches, meta)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.model(ids, pos, self.kv_caches, meta)
-                self._graphs[t] = graph
-                self._outputs[t] = out
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s, %.0f MiB",
-                    len(self._graphs), self.max_tokens, time.perf_counter() - t0, used / 2**20)
+    def _padding_inputs(self, t: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """t tokens of a fresh sequence, nothing written to the cache: what a capture runs on."""
+        self.i64.zero_()
+        self.i64[2 * t:3 * t].fill_(-1)
+        self.i32.zero_()
+        self.i32[1] = t
+        self.i32[SEQ_LENS_OFFSET] = t
+        return self._views(t)
+
+    def capture(self, pool: Any = None) -> Any:
+        """Warm up and capture every bucket (largest first) into `pool` (a new one when None);
+        returns the pool."""
+        self._graphs, self._outputs, pool = capture_buckets(
+            self.model, self.kv_caches, self.device, self.buckets, self._padding_inputs,
+            f"prefill graphs (up to {self.max_tokens} tokens)", pool)
+        return pool
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Replay bucket `bucket` on the current buffers; returns hidden states `[bucket, H]`."""
