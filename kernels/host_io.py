@@ -81,8 +81,10 @@ def host_pointer(t: torch.Tensor) -> Optional[int]:
             or not cuda_rtc.available():
         return None
     ptr = ctypes.c_uint64()
-    res = cuda_rtc._libcuda().cuPointerGetAttribute(
-        ctypes.byref(ptr), _CU_POINTER_ATTRIBUTE_DEVICE_POINTER, ctypes.c_uint64(t.data_ptr()))
+    with cuda_rtc._context(torch.cuda.current_device()):  # the address as that device sees it
+        res = cuda_rtc._libcuda().cuPointerGetAttribute(
+            ctypes.byref(ptr), _CU_POINTER_ATTRIBUTE_DEVICE_POINTER,
+            ctypes.c_uint64(t.data_ptr()))
     return ptr.value if res == 0 and ptr.value else None
 
 

@@ -42,6 +42,7 @@ def test_stage_inputs_matches_copies(n64, num_ids, rows, cols):
     src_rows = torch.randint(0, 9, (len(pend),), generator=gen)
     if num_ids:
         src64[pend] = -1 - src_rows
+    src64[num_ids::7] = -1  # negative values past the token ids (padding slots) are copied
     nseq = max(rows, 1)
     src32 = torch.randint(-5, 10**6, (nseq + 16 + rows * cols,), generator=gen,
                           dtype=torch.int32).pin_memory()

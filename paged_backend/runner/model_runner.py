@@ -24,6 +24,7 @@ does it on the way).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from dataclasses import dataclass, field
@@ -174,6 +175,8 @@ class ModelRunner:
         self._last_sampled: Optional[torch.Tensor] = None
         self._last_rows: dict[str, int] = {}
         self._stage_ok: Optional[bool] = None  # decode inputs through kernels/host_io.py
+        # Pinned outputs that kernels write directly, with the event after the write.
+        self._host_writes: collections.deque = collections.deque()
 
     @property
     def supports_overlap(self) -> bool:
@@ -203,6 +206,7 @@ class ModelRunner:
             max_blocks_per_seq=-(-max_model_len // self.block_size), block_size=self.block_size,
             max_model_len=max_model_len, num_kv_heads=self.num_kv_heads, device=self.device)
         self._graph_pool = self.graphs.capture(self._graph_pool)
+        self._stage_kernel()  # compile the input-staging kernel now, not in the first step
 
     def capture_prefill_graphs(self, max_tokens: int, max_model_len: int) -> None:
         """Capture CUDA graphs of one sequence's prefill for up to `max_tokens` new tokens."""
@@ -275,6 +279,18 @@ class ModelRunner:
     def _to_device(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
+
+    def _hold_until_written(self, host: torch.Tensor) -> None:
+        """Keep a pinned tensor that a queued kernel writes over PCIe alive until the stream
+        has passed that kernel. torch's pinned-memory cache knows of copies into a block, not
+        of kernels writing it: were the step's handle dropped early (an exception), the block
+        could be handed out again and written by the late kernel."""
+        ev = torch.cuda.Event()
+        ev.record()
+        held = self._host_writes
+        held.append((ev, host))
+        while held and held[0][0].query():
+            held.popleft()
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """Queue a device->host copy into pinned memory (read after the step's event)."""
@@ -511,6 +527,7 @@ class ModelRunner:
                 # writes them over PCIe where it runs): no separate copy to queue.
                 handle.sampled = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
                 sampled = greedy(h, host_out=handle.sampled)
+                self._hold_until_written(handle.sampled)
             elif plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
                 sampled = (greedy(h) if greedy is not None
                            else self.model.compute_logits(h, upcast=False).argmax(dim=-1))
