@@ -152,3 +152,23 @@ def test_engine_same_tokens_with_and_without_host_io(tmp_path, monkeypatch):
     slow = run()
     assert fast == slow
     assert llm.get_stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_runner_holds_kernel_written_outputs_until_the_stream_passes():
+    """A pinned output a queued kernel still writes stays referenced by the runner (so
+    torch's pinned cache cannot hand it out again); once the stream has passed, it is let go."""
+    import collections
+    import types
+
+    from paged_backend.runner.model_runner import ModelRunner
+    runner = types.SimpleNamespace(_host_writes=collections.deque())
+    busy = torch.empty(1, dtype=torch.int64).pin_memory()
+    torch.cuda._sleep(200_000_000)  # keeps the stream busy well past the checks below
+    ModelRunner._hold_until_written(runner, busy)
+    assert [t for _, t in runner._host_writes] == [busy]
+    torch.cuda.synchronize()
+    later = torch.empty(1, dtype=torch.int64).pin_memory()
+    ModelRunner._hold_until_written(runner, later)
+    assert all(t is later for _, t in runner._host_writes)  # `busy` is released
