@@ -17,7 +17,16 @@ registers before the wait). After the wait the program triggers the next
 kernel's launch, reads x (RMSNorm'ed on the fly), waits for its copies, and
 multiplies from shared memory: 8 warps take groups of 4 rows, and when there
 are fewer groups than warps each group's K is split over several warps (the
-slices meet in shared memory, added in a fixed order).
+slices meet in shared memory, added in a fixed order). With `add_to` in that
+K-split case, the thread that stores a row reads its old value right after the
+wait, so that load's latency overlaps the products instead of following them
+(qwen3's o and down projections; graph replay 655-662 -> 631-633 us).
+
+"One program per SM" is the scheduler's choice, not a guarantee: per-CTA
+timestamps showed 16-33 of the 132 SMs running two programs of one GEMV (and
+others none), worst after decode attention, which holds only 64 SMs.
+`exclusive=True` pads a program's shared memory past half an SM so that two
+cannot share one (the model sets it for o_proj; -7 to -9 us a step).
 
 Measured on the H100 (benchmarks/stream_gemv.py, BENCHMARKS.md): Qwen3-0.6B's
 28 x 4 one-token GEMVs take 511 us as a graph against 621 us with the Triton
@@ -58,9 +67,15 @@ _SOURCE = cuda_rtc.DEVICE_HELPERS + r"""
 #define F_ACCUM 8
 #define F_PDL 16
 
+__device__ __forceinline__ u16 ld_l2(const u16* p) {  // written by an earlier kernel
+  u16 v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+  return v;
+}
+
 template <bool BF16>
 __device__ __forceinline__ void store(float a, float u, int o, int n, int flags,
-                                      const u16* __restrict__ bias, u16* out) {
+                                      const u16* __restrict__ bias, u16* out, float base) {
   if (flags & F_BIAS) {
     a += to_f<BF16>(bias[o]);
     if (flags & F_SILU) u += to_f<BF16>(bias[n + o]);
@@ -68,8 +83,8 @@ __device__ __forceinline__ void store(float a, float u, int o, int n, int flags,
   if (flags & F_SILU) {  // silu_and_mul numerics: both projections rounded, product once
     const float gt = to_f<BF16>(from_f<BF16>(a)), up = to_f<BF16>(from_f<BF16>(u));
     out[o] = from_f<BF16>(gt / (1.f + expf(-gt)) * up);
-  } else if (flags & F_ACCUM) {
-    out[o] = from_f<BF16>(to_f<BF16>(out[o]) + a);
+  } else if (flags & F_ACCUM) {  // base: out[o] as read after the wait
+    out[o] = from_f<BF16>(base + a);
   } else {
     out[o] = from_f<BF16>(a);
   }
@@ -112,6 +127,13 @@ __device__ __forceinline__ void stream_gemv_body(
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
 
+  // The K-split path (fewer row groups than warps) stores row `tid` from thread `tid`: with
+  // F_ACCUM that thread reads the row's old value now, so the read's latency is hidden.
+  const int ngroups = (rows + RG - 1) / RG;
+  const int ks = ngroups >= NWARPS ? 1 : NWARPS / max(ngroups, 1);
+  float base = 0.f;
+  if ((flags & F_ACCUM) && ks > 1 && tid < rows) base = to_f<BF16>(ld_l2(out + n0 + tid));
+
   // 3. x -> shared memory, RMSNorm'ed with F_NORM (HF numerics: fp32 mean of squares,
   //    x * rstd rounded, times the weight, rounded).
   float ss = 0.f;
@@ -152,8 +174,6 @@ __device__ __forceinline__ void stream_gemv_body(
 
   // 4. Products from shared memory: warps take groups of RG rows; with fewer groups than
   //    warps, each group's K is split over ks warps and the slices meet in shared memory.
-  const int ngroups = (rows + RG - 1) / RG;
-  const int ks = ngroups >= NWARPS ? 1 : NWARPS / max(ngroups, 1);
   const int slice = warp % ks;
   float acc[RG], accu[RG];
   for (int grp = warp / ks; grp < ngroups && warp < ngroups * ks; grp += NWARPS / ks) {
@@ -188,7 +208,8 @@ __device__ __forceinline__ void stream_gemv_body(
       float a = 0.f, u = 0.f;
 #pragma unroll
       for (int j = 0; j < RG; ++j) if (j == lane) { a = acc[j]; u = accu[j]; }
-      store<BF16>(a, u, n0 + r0 + lane, n, flags, bias, out);
+      const int o = n0 + r0 + lane;
+      store<BF16>(a, u, o, n, flags, bias, out, (flags & F_ACCUM) ? to_f<BF16>(ld_l2(out + o)) : 0.f);
     }
   }
   if (ks == 1) return;
@@ -210,7 +231,7 @@ __device__ __forceinline__ void stream_gemv_body(
       a += part[(gi * ks + s) * RG + j];
       u += part[NWARPS * RG + (gi * ks + s) * RG + j];
     }
-    store<BF16>(a, u, n0 + tid, n, flags, bias, out);
+    store<BF16>(a, u, n0 + tid, n, flags, bias, out, base);
   }
 }
 
@@ -246,14 +267,31 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+_BLOCK_RESERVED = 1024  # shared memory the driver keeps per resident block
+_EXCLUSIVE_PAD = 128
+
+
+def exclusive_smem(per_sm: int) -> int:
+    """Shared memory for an `exclusive` program: just too much for two on one SM of
+    `per_sm` bytes, while any other program of at most `_smem_limit` still fits beside it."""
+    return per_sm // 2 - _BLOCK_RESERVED + _EXCLUSIVE_PAD
+
+
+@functools.cache
+def _smem_per_sm(index: int) -> int:
+    p = torch.cuda.get_device_properties(index)
+    return getattr(p, "shared_memory_per_multiprocessor", 2 * STREAM_MAX_SMEM + 4096)
+
+
 @functools.cache
 def _smem_limit(index: int) -> int:
     """A program's shared memory at most: STREAM_MAX_SMEM, what the device allows a block,
-    and half of an SM's (less the 1 KB per block the driver keeps) so two fit side by side."""
+    and half of an SM's (less the 1 KB per block the driver keeps, and the margin an
+    `exclusive` program takes) so two fit side by side."""
     p = torch.cuda.get_device_properties(index)
     optin = getattr(p, "shared_memory_per_block_optin", STREAM_MAX_SMEM)
-    per_sm = getattr(p, "shared_memory_per_multiprocessor", 2 * STREAM_MAX_SMEM + 2048)
-    return min(STREAM_MAX_SMEM, optin, per_sm // 2 - 1024)
+    per_sm = _smem_per_sm(index)
+    return min(STREAM_MAX_SMEM, optin, per_sm // 2 - _BLOCK_RESERVED - _EXCLUSIVE_PAD)
 
 
 def _index(device: torch.device) -> int:
@@ -329,9 +367,14 @@ def stream_gemv_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
 
 def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                silu_mul: bool = False, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+                silu_mul: bool = False, add_to: Optional[torch.Tensor] = None,
+                exclusive: bool = False) -> torch.Tensor:
     """`skinny_gemm` for one row (same arguments, same numerics up to float32 summation
-    order); the caller checks `stream_gemv_supported(x, weight, silu_mul, norm_weight)`."""
+    order); the caller checks `stream_gemv_supported(x, weight, silu_mul, norm_weight)`.
+
+    `exclusive`: pad each program's shared memory past half an SM so that no two share
+    one (`exclusive_smem`). For a GEMV after a kernel that holds only some SMs (decode
+    attention): the scheduler otherwise doubles its programs up on the free SMs."""
     if not stream_gemv_supported(x, weight, silu_mul, norm_weight, bias, add_to):
         raise ValueError("stream_gemv does not take this call (see stream_gemv_supported)")
     n_w, k = weight.shape
@@ -346,6 +389,8 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
              | (_F_PDL if pdl else 0))
     index = _index(x.device)
     grid, smem = _grid_and_smem(n, k, silu_mul, index)
+    if exclusive:
+        smem = max(smem, exclusive_smem(_smem_per_sm(index)))
     # All shared memory, no L1 carveout: as measured (the kernel reads x and weights once).
     kernel = cuda_rtc.compile_module(_SOURCE, "stream_gemv", x.device).kernel(
         _KERNELS[x.dtype], carveout=100)

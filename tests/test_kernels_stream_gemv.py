@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 from paged_backend.kernels.skinny_gemm import skinny_gemm_ref  # noqa: E402
 from paged_backend.kernels.stream_gemv import (  # noqa: E402
     STREAM_GEMV_ENV,
+    exclusive_smem,
     stream_gemv,
     stream_gemv_supported,
 )
@@ -188,6 +189,37 @@ def test_stream_gemv_waits_for_the_kernel_before_it():
         torch.testing.assert_close(add_to.float(), expected.float(), rtol=1.6e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("per_sm", [233472, 167936, 102400, 65536])
+def test_exclusive_smem_keeps_one_program_per_sm(per_sm):
+    """An `exclusive` program's shared memory: two of them (with the 1 KB each block
+    reserves) overflow the SM, one beside any program within the support limit fits."""
+    from paged_backend.kernels.stream_gemv import STREAM_MAX_SMEM, _BLOCK_RESERVED
+
+    excl = exclusive_smem(per_sm)
+    limit = min(STREAM_MAX_SMEM, per_sm // 2 - _BLOCK_RESERVED - 128)  # as _smem_limit
+    assert 2 * (excl + _BLOCK_RESERVED) > per_sm
+    assert (excl + _BLOCK_RESERVED) + (limit + _BLOCK_RESERVED) <= per_sm
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("variant", ["add", "norm_bias_add", "norm_bias_silu"])
+def test_stream_gemv_exclusive_matches(variant):
+    """`exclusive=True` only pads shared memory: the same output, bit for bit, with the
+    padded size within what the device gives a block."""
+    from paged_backend.kernels.stream_gemv import _smem_per_sm
+
+    x, weight, kw = make_inputs(1024, 2048, variant, torch.bfloat16, seed=3)
+    kw2 = dict(kw)
+    if "add_to" in kw:
+        kw2["add_to"] = kw["add_to"].clone()
+    plain = stream_gemv(x, weight, **kw)
+    padded = stream_gemv(x, weight, **kw2, exclusive=True)
+    assert torch.equal(plain, padded)
+    props = torch.cuda.get_device_properties(0)
+    assert exclusive_smem(_smem_per_sm(0)) <= props.shared_memory_per_block_optin
+
+
 @pytest.mark.gpu
 @needs_hopper
 def test_one_token_gemm_dispatch(monkeypatch):
@@ -208,8 +240,14 @@ def test_one_token_gemm_dispatch(monkeypatch):
 
     torch.testing.assert_close(run().float(), expected.float(), rtol=1.6e-2, atol=1e-2)
     assert calls == [1]
+    # `exclusive` reaches stream_gemv and is dropped on the Triton path (two rows).
+    torch.testing.assert_close(run(exclusive=True).float(), expected.float(),
+                               rtol=1.6e-2, atol=1e-2)
+    assert calls == [1, 1]
+    calls.pop()
     two = fused_kernels.one_token_gemm(x.repeat(2, 1), weight, kw["bias"],
-                                       norm_weight=kw["norm_weight"], eps=kw["eps"])
+                                       norm_weight=kw["norm_weight"], eps=kw["eps"],
+                                       exclusive=True)
     assert calls == [1] and two.shape == (2, 1024)
     # A float32 bias (the Triton kernel reads it in fp32) is not the CUDA kernel's.
     torch.testing.assert_close(run(bias=kw["bias"].float()).float(), expected.float(),

@@ -54,11 +54,15 @@ def use_skinny_gemm(x: torch.Tensor) -> bool:
 def one_token_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    **kwargs) -> torch.Tensor:
     """`skinny_gemm(x, weight, bias, **kwargs)` for a one-token forward, run by `stream_gemv`
-    where it takes the call (it streams the weights in before the previous kernel ends)."""
+    where it takes the call (it streams the weights in before the previous kernel ends).
+
+    `exclusive` (keyword, default False) is `stream_gemv`'s: one program per SM; the
+    Triton kernel has no use for it."""
     from paged_backend.kernels.stream_gemv import stream_gemv, stream_gemv_supported
+    exclusive = kwargs.pop("exclusive", False)
     if stream_gemv_supported(x, weight, kwargs.get("silu_mul", False),
                              kwargs.get("norm_weight"), bias, kwargs.get("add_to")):
-        return stream_gemv(x, weight, bias, **kwargs)
+        return stream_gemv(x, weight, bias, exclusive=exclusive, **kwargs)
     from paged_backend.kernels.skinny_gemm import skinny_gemm
     return skinny_gemm(x, weight, bias, **kwargs)
 

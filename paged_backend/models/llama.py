@@ -195,7 +195,8 @@ class LlamaDecoderLayer(torch.nn.Module):
         qkv = gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
                    norm_weight=ln1.weight, eps=ln1.eps)
         out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
-        gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream)
+        # exclusive: attention holds only some SMs; one o_proj program per SM (stream_gemv).
+        gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream, exclusive=True)
         act = gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
                    norm_weight=ln2.weight, eps=ln2.eps, silu_mul=True)
         gemm(act, mlp.down_proj.weight, mlp.down_proj.bias, add_to=stream)
