@@ -27,6 +27,10 @@ timestamps showed 16-33 of the 132 SMs running two programs of one GEMV (and
 others none), worst after decode attention, which holds only 64 SMs.
 `exclusive=True` pads a program's shared memory past half an SM so that two
 cannot share one (the model sets it for o_proj; -7 to -9 us a step).
+`trigger_early=True` lets the next kernel launch before the wait (the model sets
+it for o_proj, so gate/up's 12 MB stream in during attention): qwen3 latency
+1,375 -> 1,420 tok/s, graph replay 581 us. On the QKV GEMV it gained nothing in
+latency; on gate/up or down it lost (658 against 628 us), as on all of them (below).
 
 Measured on the H100 (benchmarks/stream_gemv.py, BENCHMARKS.md): Qwen3-0.6B's
 28 x 4 one-token GEMVs take 511 us as a graph against 621 us with the Triton
@@ -66,6 +70,7 @@ _SOURCE = cuda_rtc.DEVICE_HELPERS + r"""
 #define F_SILU 4
 #define F_ACCUM 8
 #define F_PDL 16
+#define F_EARLY 32
 
 __device__ __forceinline__ u16 ld_l2(const u16* p) {  // written by an earlier kernel
   u16 v;
@@ -120,11 +125,13 @@ __device__ __forceinline__ void stream_gemv_body(
                    :: "r"(smem_u32(ws + total + off)), "l"(src_up + off) : "memory");
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
-  // 2. PDL: wait for the previous kernel, then let the next one launch (measured better
-  //    than triggering first: early-launched programs pile up unevenly on the SMs).
+  // 2. PDL: wait for the previous kernel, then let the next one launch; with F_EARLY
+  //    (the caller's `trigger_early`) let it launch first, so its pre-wait phase overlaps
+  //    the kernel before this one too.
   if (flags & F_PDL) {
+    if (flags & F_EARLY) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
 
   // The K-split path (fewer row groups than warps) stores row `tid` from thread `tid`: with
@@ -248,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) stream_gemv_f16(
 }
 """
 
-_F_BIAS, _F_NORM, _F_SILU, _F_ACCUM, _F_PDL = 1, 2, 4, 8, 16
+_F_BIAS, _F_NORM, _F_SILU, _F_ACCUM, _F_PDL, _F_EARLY = 1, 2, 4, 8, 16, 32
 _KERNELS = {torch.bfloat16: "stream_gemv_bf16", torch.float16: "stream_gemv_f16"}
 _NUM_WARPS = 8
 # A program's shared memory (x + weight span) at most: half an SM's 227 KB, so the next
@@ -368,13 +375,18 @@ def stream_gemv_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
 def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                 norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
                 silu_mul: bool = False, add_to: Optional[torch.Tensor] = None,
-                exclusive: bool = False) -> torch.Tensor:
+                exclusive: bool = False, trigger_early: bool = False) -> torch.Tensor:
     """`skinny_gemm` for one row (same arguments, same numerics up to float32 summation
     order); the caller checks `stream_gemv_supported(x, weight, silu_mul, norm_weight)`.
 
     `exclusive`: pad each program's shared memory past half an SM so that no two share
     one (`exclusive_smem`). For a GEMV after a kernel that holds only some SMs (decode
-    attention): the scheduler otherwise doubles its programs up on the free SMs."""
+    attention): the scheduler otherwise doubles its programs up on the free SMs.
+
+    `trigger_early` (with PDL): let the next kernel launch before this one's wait, not
+    after it. Its wait still waits for this kernel, but its pre-wait phase may then run
+    while the kernel before this one is still running: the caller promises that kernel
+    writes nothing the next one reads before its wait."""
     if not stream_gemv_supported(x, weight, silu_mul, norm_weight, bias, add_to):
         raise ValueError("stream_gemv does not take this call (see stream_gemv_supported)")
     n_w, k = weight.shape
@@ -386,7 +398,7 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     pdl = pdl_enabled(x)
     flags = ((_F_BIAS if bias is not None else 0) | (_F_NORM if norm_weight is not None else 0)
              | (_F_SILU if silu_mul else 0) | (_F_ACCUM if add_to is not None else 0)
-             | (_F_PDL if pdl else 0))
+             | (_F_PDL if pdl else 0) | (_F_EARLY if pdl and trigger_early else 0))
     index = _index(x.device)
     grid, smem = _grid_and_smem(n, k, silu_mul, index)
     if exclusive:

@@ -106,9 +106,12 @@ def test_stream_gemv_ragged_shapes(n, k, variant):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_stream_gemv_layers_in_cuda_graph():
+@pytest.mark.parametrize("early", [False, True], ids=["trigger_after_wait", "trigger_early"])
+def test_stream_gemv_layers_in_cuda_graph(early):
     """Two layers' four GEMVs captured once with PDL, replayed on new inputs: each kernel
-    reads what the one before it wrote (its weights load before the PDL wait)."""
+    reads what the one before it wrote (its weights load before the PDL wait). With
+    `trigger_early` on the QKV and o GEMVs (as the model sets them) the kernel after each
+    launches before its wait, and the results are the same."""
     dt, hidden, inter, qkv_n = torch.bfloat16, 1024, 3072, 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -124,10 +127,11 @@ def test_stream_gemv_layers_in_cuda_graph():
     stream = torch.zeros(1, hidden, dtype=dt, device="cuda")
 
     def run(gemm, s):
+        opts = {"trigger_early": True} if early and gemm is stream_gemv else {}
         outs = []
         for ly in layers:
-            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6)
-            gemm(qkv[:, : qkv_n // 2].contiguous(), ly["o"], None, add_to=s)
+            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6, **opts)
+            gemm(qkv[:, : qkv_n // 2].contiguous(), ly["o"], None, add_to=s, **opts)
             act = gemm(s, ly["gate_up"], None, norm_weight=ly["ln2"], eps=1e-6, silu_mul=True)
             gemm(act, ly["down"], None, add_to=s)
             outs.append(qkv)
@@ -155,7 +159,8 @@ def test_stream_gemv_layers_in_cuda_graph():
 
 @pytest.mark.gpu
 @needs_hopper
-def test_stream_gemv_waits_for_the_kernel_before_it():
+@pytest.mark.parametrize("early", [False, True], ids=["trigger_after_wait", "trigger_early"])
+def test_stream_gemv_waits_for_the_kernel_before_it(early):
     """PDL contract: a kernel that lets its successor launch at once, then spends a while
     before writing x and add_to, must still be seen complete: stream_gemv reads x and
     add_to only after its wait (its weights may load before)."""
@@ -185,7 +190,7 @@ def test_stream_gemv_waits_for_the_kernel_before_it():
         x = torch.zeros_like(x_true)
         add_to = torch.zeros_like(add_true)
         slow_writer[(1,)](x, x_true, add_to, add_true, 2048, 1024, 20000, BLOCK=2048)
-        stream_gemv(x, weight, **kw, add_to=add_to)
+        stream_gemv(x, weight, **kw, add_to=add_to, trigger_early=early)
         torch.testing.assert_close(add_to.float(), expected.float(), rtol=1.6e-2, atol=2e-2)
 
 
@@ -247,7 +252,7 @@ def test_one_token_gemm_dispatch(monkeypatch):
     calls.pop()
     two = fused_kernels.one_token_gemm(x.repeat(2, 1), weight, kw["bias"],
                                        norm_weight=kw["norm_weight"], eps=kw["eps"],
-                                       exclusive=True)
+                                       exclusive=True, trigger_early=True)
     assert calls == [1] and two.shape == (2, 1024)
     # A float32 bias (the Triton kernel reads it in fp32) is not the CUDA kernel's.
     torch.testing.assert_close(run(bias=kw["bias"].float()).float(), expected.float(),

@@ -56,13 +56,16 @@ def one_token_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """`skinny_gemm(x, weight, bias, **kwargs)` for a one-token forward, run by `stream_gemv`
     where it takes the call (it streams the weights in before the previous kernel ends).
 
-    `exclusive` (keyword, default False) is `stream_gemv`'s: one program per SM; the
-    Triton kernel has no use for it."""
+    `exclusive` and `trigger_early` (keywords, default False) are `stream_gemv`'s: one
+    program per SM, and the next kernel launched before this one's wait; the Triton
+    kernel has no use for them."""
     from paged_backend.kernels.stream_gemv import stream_gemv, stream_gemv_supported
     exclusive = kwargs.pop("exclusive", False)
+    trigger_early = kwargs.pop("trigger_early", False)
     if stream_gemv_supported(x, weight, kwargs.get("silu_mul", False),
                              kwargs.get("norm_weight"), bias, kwargs.get("add_to")):
-        return stream_gemv(x, weight, bias, exclusive=exclusive, **kwargs)
+        return stream_gemv(x, weight, bias, exclusive=exclusive,
+                           trigger_early=trigger_early, **kwargs)
     from paged_backend.kernels.skinny_gemm import skinny_gemm
     return skinny_gemm(x, weight, bias, **kwargs)
 
