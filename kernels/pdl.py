@@ -16,7 +16,12 @@ Every kernel here that takes a `PDL` constexpr follows that contract, as do
 the CUDA kernels launched through `cuda_rtc.launch(..., pdl=True)` (stream_gemv
 copies its weights before the wait), so a chain of them is safe in any order
 and next to kernels launched without PDL (those wait for full completion as
-usual). CUDA graphs capture the launches
+usual). One exception: a kernel that triggers before its own wait
+(`stream_gemv(trigger_early=True)`) lets the next one run its pre-wait phase while
+the kernel two back may still run, so that next kernel must read nothing but
+weights before its wait (the model uses it only on o_proj, before the gate/up GEMV;
+decode attention, which reads the block table and cache before its wait, must not
+follow such a kernel). CUDA graphs capture the launches
 with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
 """
 

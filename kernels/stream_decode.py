@@ -33,9 +33,11 @@ second kernel, no atomics.
 PDL precondition (kernels/pdl.py): the block table, seq_lens, positions,
 slots and the cached context are read before the wait, so the kernel right
 before this one must not write them (in the models it is the QKV projection;
-anything earlier has completed). The wrapper therefore converts nothing (a
-conversion would be that kernel): the support check asks for int32 / int64
-tensors with unit stride as the runner passes them.
+anything earlier has completed, as long as that projection does not trigger
+before its own wait: no `stream_gemv(trigger_early=True)` right before this
+kernel). The wrapper therefore converts nothing (a conversion would be that
+kernel): the support check asks for int32 / int64 tensors with unit stride as
+the runner passes them.
 
 Limits, checked by `stream_decode_supported` (callers keep the Triton path):
 bf16/fp16 on a compute-capability-9+ GPU where the kernel compiles and an

@@ -13,11 +13,12 @@ up rows with SiLU-and-mul). Before `griddepcontrol.wait` every thread issues
 16-byte `cp.async` copies of its pieces of that span into shared memory, so
 the span streams in while the kernels before it finish; the loads stay in
 flight across the wait, which Triton cannot express (its loads land in
-registers before the wait). After the wait the program triggers the next
-kernel's launch, reads x (RMSNorm'ed on the fly), waits for its copies, and
-multiplies from shared memory: 8 warps take groups of 4 rows, and when there
-are fewer groups than warps each group's K is split over several warps (the
-slices meet in shared memory, added in a fixed order). With `add_to` in that
+registers before the wait). After the wait (before it with `trigger_early`)
+the program triggers the next kernel's launch, reads x (RMSNorm'ed on the
+fly), waits for its copies, and multiplies from shared memory: 8 warps take
+groups of 4 rows, and when there are fewer groups than warps each group's K is
+split over several warps (the slices meet in shared memory, added in a fixed
+order). With `add_to` in that
 K-split case, the thread that stores a row reads its old value right after the
 wait, so that load's latency overlaps the products instead of following them
 (qwen3's o and down projections; graph replay 655-662 -> 631-633 us).
@@ -35,10 +36,10 @@ latency; on gate/up or down it lost (658 against 628 us), as on all of them (bel
 Measured on the H100 (benchmarks/stream_gemv.py, BENCHMARKS.md): Qwen3-0.6B's
 28 x 4 one-token GEMVs take 511 us as a graph against 621 us with the Triton
 kernel. Dropped on the way: TMA bulk copies with mbarriers (549 us),
-triggering the next launch before the wait (595-620 us: early programs pile
-up on some SMs), two programs per SM (523 us), and a persistent kernel that
-streams four GEMVs through a shared-memory ring with grid barriers between
-them (640-790 us).
+triggering the next launch before the wait in every GEMV (595-620 us: early
+programs pile up on some SMs; kept for o_proj only, as `trigger_early`), two
+programs per SM (523 us), and a persistent kernel that streams four GEMVs
+through a shared-memory ring with grid barriers between them (640-790 us).
 
 Limits, checked by `stream_gemv_supported` (callers fall back to the Triton
 kernel): one row, bf16/fp16 on a compute-capability-9+ GPU where the kernel
@@ -216,7 +217,8 @@ __device__ __forceinline__ void stream_gemv_body(
 #pragma unroll
       for (int j = 0; j < RG; ++j) if (j == lane) { a = acc[j]; u = accu[j]; }
       const int o = n0 + r0 + lane;
-      store<BF16>(a, u, o, n, flags, bias, out, (flags & F_ACCUM) ? to_f<BF16>(ld_l2(out + o)) : 0.f);
+      const float base_o = (flags & F_ACCUM) ? to_f<BF16>(ld_l2(out + o)) : 0.f;
+      store<BF16>(a, u, o, n, flags, bias, out, base_o);
     }
   }
   if (ks == 1) return;
@@ -291,14 +293,21 @@ def _smem_per_sm(index: int) -> int:
 
 
 @functools.cache
-def _smem_limit(index: int) -> int:
-    """A program's shared memory at most: STREAM_MAX_SMEM, what the device allows a block,
-    and half of an SM's (less the 1 KB per block the driver keeps, and the margin an
-    `exclusive` program takes) so two fit side by side."""
+def _smem_optin(index: int) -> int:
     p = torch.cuda.get_device_properties(index)
-    optin = getattr(p, "shared_memory_per_block_optin", STREAM_MAX_SMEM)
-    per_sm = _smem_per_sm(index)
+    return getattr(p, "shared_memory_per_block_optin", STREAM_MAX_SMEM)
+
+
+def smem_limit(optin: int, per_sm: int) -> int:
+    """A program's shared memory at most: STREAM_MAX_SMEM, what the device allows a block
+    (`optin`), and half of an SM's `per_sm` (less the 1 KB per block the driver keeps, and
+    the margin an `exclusive` program takes) so two fit side by side."""
     return min(STREAM_MAX_SMEM, optin, per_sm // 2 - _BLOCK_RESERVED - _EXCLUSIVE_PAD)
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    return smem_limit(_smem_optin(index), _smem_per_sm(index))
 
 
 def _index(device: torch.device) -> int:
@@ -401,8 +410,8 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
              | (_F_PDL if pdl else 0) | (_F_EARLY if pdl and trigger_early else 0))
     index = _index(x.device)
     grid, smem = _grid_and_smem(n, k, silu_mul, index)
-    if exclusive:
-        smem = max(smem, exclusive_smem(_smem_per_sm(index)))
+    if exclusive:  # never past what a block may opt in to (a hint, not a requirement)
+        smem = max(smem, min(exclusive_smem(_smem_per_sm(index)), _smem_optin(index)))
     # All shared memory, no L1 carveout: as measured (the kernel reads x and weights once).
     kernel = cuda_rtc.compile_module(_SOURCE, "stream_gemv", x.device).kernel(
         _KERNELS[x.dtype], carveout=100)

@@ -110,8 +110,8 @@ def test_stream_gemv_ragged_shapes(n, k, variant):
 def test_stream_gemv_layers_in_cuda_graph(early):
     """Two layers' four GEMVs captured once with PDL, replayed on new inputs: each kernel
     reads what the one before it wrote (its weights load before the PDL wait). With
-    `trigger_early` on the QKV and o GEMVs (as the model sets them) the kernel after each
-    launches before its wait, and the results are the same."""
+    `trigger_early` and `exclusive` on the o GEMV, as the model sets them, the gate/up
+    GEMV launches before o's wait, and the results are the same."""
     dt, hidden, inter, qkv_n = torch.bfloat16, 1024, 3072, 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -127,10 +127,10 @@ def test_stream_gemv_layers_in_cuda_graph(early):
     stream = torch.zeros(1, hidden, dtype=dt, device="cuda")
 
     def run(gemm, s):
-        opts = {"trigger_early": True} if early and gemm is stream_gemv else {}
+        opts = {"trigger_early": True, "exclusive": True} if early and gemm is stream_gemv else {}
         outs = []
         for ly in layers:
-            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6, **opts)
+            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6)
             gemm(qkv[:, : qkv_n // 2].contiguous(), ly["o"], None, add_to=s, **opts)
             act = gemm(s, ly["gate_up"], None, norm_weight=ly["ln2"], eps=1e-6, silu_mul=True)
             gemm(act, ly["down"], None, add_to=s)
@@ -198,12 +198,14 @@ def test_stream_gemv_waits_for_the_kernel_before_it(early):
 def test_exclusive_smem_keeps_one_program_per_sm(per_sm):
     """An `exclusive` program's shared memory: two of them (with the 1 KB each block
     reserves) overflow the SM, one beside any program within the support limit fits."""
-    from paged_backend.kernels.stream_gemv import STREAM_MAX_SMEM, _BLOCK_RESERVED
+    from paged_backend.kernels.stream_gemv import STREAM_MAX_SMEM, _BLOCK_RESERVED, smem_limit
 
     excl = exclusive_smem(per_sm)
-    limit = min(STREAM_MAX_SMEM, per_sm // 2 - _BLOCK_RESERVED - 128)  # as _smem_limit
+    limit = smem_limit(per_sm - _BLOCK_RESERVED, per_sm)  # the support check's bound
+    assert 0 < limit <= STREAM_MAX_SMEM
     assert 2 * (excl + _BLOCK_RESERVED) > per_sm
     assert (excl + _BLOCK_RESERVED) + (limit + _BLOCK_RESERVED) <= per_sm
+    assert 2 * (limit + _BLOCK_RESERVED) <= per_sm  # two ordinary programs still fit
 
 
 @pytest.mark.gpu
@@ -237,30 +239,31 @@ def test_one_token_gemm_dispatch(monkeypatch):
     calls = []
     import paged_backend.kernels.stream_gemv as sg
     real = sg.stream_gemv
-    monkeypatch.setattr(sg, "stream_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(sg, "stream_gemv", lambda *a, **k: calls.append(
+        (k["exclusive"], k["trigger_early"])) or real(*a, **k))
 
     def run(**over):
         args = dict(kw, add_to=kw["add_to"].clone(), **over)
         return fused_kernels.one_token_gemm(x, weight, **args)
 
     torch.testing.assert_close(run().float(), expected.float(), rtol=1.6e-2, atol=1e-2)
-    assert calls == [1]
-    # `exclusive` reaches stream_gemv and is dropped on the Triton path (two rows).
-    torch.testing.assert_close(run(exclusive=True).float(), expected.float(),
-                               rtol=1.6e-2, atol=1e-2)
-    assert calls == [1, 1]
+    assert calls == [(False, False)]
+    # Both keywords reach stream_gemv, and are dropped on the Triton path (two rows).
+    torch.testing.assert_close(run(exclusive=True, trigger_early=True).float(),
+                               expected.float(), rtol=1.6e-2, atol=1e-2)
+    assert calls == [(False, False), (True, True)]
     calls.pop()
     two = fused_kernels.one_token_gemm(x.repeat(2, 1), weight, kw["bias"],
                                        norm_weight=kw["norm_weight"], eps=kw["eps"],
                                        exclusive=True, trigger_early=True)
-    assert calls == [1] and two.shape == (2, 1024)
+    assert calls == [(False, False)] and two.shape == (2, 1024)
     # A float32 bias (the Triton kernel reads it in fp32) is not the CUDA kernel's.
     torch.testing.assert_close(run(bias=kw["bias"].float()).float(), expected.float(),
                                rtol=1.6e-2, atol=1e-2)
-    assert calls == [1]
+    assert calls == [(False, False)]
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")
     torch.testing.assert_close(run().float(), expected.float(), rtol=1.6e-2, atol=1e-2)
-    assert calls == [1]
+    assert calls == [(False, False)]
 
 
 @pytest.mark.gpu
