@@ -18,10 +18,10 @@ the program triggers the next kernel's launch, reads x (RMSNorm'ed on the
 fly), waits for its copies, and multiplies from shared memory: 8 warps take
 groups of 4 rows, and when there are fewer groups than warps each group's K is
 split over several warps (the slices meet in shared memory, added in a fixed
-order). With `add_to` in that
-K-split case, the thread that stores a row reads its old value right after the
-wait, so that load's latency overlaps the products instead of following them
-(qwen3's o and down projections; graph replay 655-662 -> 631-633 us).
+order). With `add_to` in that K-split case, the thread that stores a row reads
+its old value right after the wait, so that load's latency overlaps the
+products instead of following them (qwen3's o and down projections; graph
+replay 655-662 -> 631-633 us).
 
 "One program per SM" is the scheduler's choice, not a guarantee: per-CTA
 timestamps showed 16-33 of the 132 SMs running two programs of one GEMV (and

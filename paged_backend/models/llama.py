@@ -192,12 +192,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         stream = hidden if residual is None else hidden + residual
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        # o_proj: exclusive, since attention holds only some SMs and o_proj's programs would
-        # double up on the others; trigger_early, so gate/up (whose pre-wait phase reads
-        # only its weights) launches and streams them in while attention still runs.
         qkv = gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
                    norm_weight=ln1.weight, eps=ln1.eps)
         out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
+        # o_proj: exclusive, since attention holds only some SMs and o_proj's programs would
+        # double up on the others; trigger_early, so gate/up (whose pre-wait phase reads
+        # only its weights) launches and streams them in while attention still runs.
         gemm(out, attn.o_proj.weight, attn.o_proj.bias, add_to=stream, exclusive=True,
              trigger_early=True)
         act = gemm(stream, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
