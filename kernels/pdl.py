@@ -18,10 +18,16 @@ copies its weights before the wait), so a chain of them is safe in any order
 and next to kernels launched without PDL (those wait for full completion as
 usual). One exception: a kernel that triggers before its own wait
 (`stream_gemv(trigger_early=True)`) lets the next one run its pre-wait phase while
-the kernel two back may still run, so that next kernel must read nothing but
-weights before its wait (the model uses it only on o_proj, before the gate/up GEMV;
-decode attention, which reads the block table and cache before its wait, must not
-follow such a kernel). CUDA graphs capture the launches
+the kernel two back may still run, so that next kernel must read nothing before its
+wait that the kernel two back writes (anything older has completed, as long as the
+kernel two back triggers after its own wait). The model uses it on o_proj, before the
+gate/up GEMV (which reads only weights before its wait), and on the QKV GEMV, before
+decode attention (which reads the block table, positions, slots and cached context
+before its wait; the kernel two back is the previous layer's down projection, which
+writes only the residual stream, or, at the first layer, the embedding, which is
+launched without PDL and so has completed). `stream_decode(trigger_early=True)` does
+the same before the output projection (weights only before its wait). CUDA graphs
+capture the launches
 with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
 """
 

@@ -16,12 +16,17 @@ slot stores nothing and reads all `seq_len` positions from the cache, as the
 Triton kernel does). Before `griddepcontrol.wait` every program issues 16-byte
 `cp.async` copies of its first tiles of K and V (gathered through the block
 table) into a shared-memory ring, so the context streams in while the QKV
-projection before it runs. After the wait it triggers the next launch, RMS-
-normalizes (optionally) and rotates its group's query heads (and, in the last
-split, the new k, which it stores with v at the token's slot unless the slot
-is negative), then runs an online softmax over its tiles: 64 tokens a tile,
-a group of `HEAD_DIM / 8` lanes per token for the scores, one thread per
-(head, dimension) for P @ V, P rounded to the dtype as the Triton kernel does.
+projection before it runs. After the wait (at its start with `trigger_early`)
+it triggers the next launch, RMS-normalizes (optionally) and rotates its
+group's query heads (and, in the last split, the new k, which it stores with
+v at the token's slot unless the slot is negative), then runs an online
+softmax over its tiles: 64 tokens a tile; for the scores two threads a token,
+half a row each (read in an order rotated per token, so a quarter-warp's
+reads hit distinct banks), one shuffle to add the halves; for P @ V a thread
+per dimension pair and token group (tokens dealt out round-robin over the
+groups), each V element read once for every query head of the group, the
+groups' partial sums added at the end; P rounded to the dtype as the Triton
+kernel does.
 The splits' (max, sum, acc) meet through distributed shared memory: each
 program pushes its (max, sum) to every program and each acc value to the
 program that merges it (`st.shared::cluster`); after one release / acquire
@@ -32,10 +37,11 @@ second kernel, no atomics.
 
 PDL precondition (kernels/pdl.py): the block table, seq_lens, positions,
 slots and the cached context are read before the wait, so the kernel right
-before this one must not write them (in the models it is the QKV projection;
-anything earlier has completed, as long as that projection does not trigger
-before its own wait: no `stream_gemv(trigger_early=True)` right before this
-kernel). The wrapper therefore converts nothing (a conversion would be that
+before this one must not write them, nor, if that kernel triggers before its
+own wait (`stream_gemv(trigger_early=True)`), the kernel before it. In the
+models the QKV projection comes right before and triggers early; before it
+run the previous layer's down projection (which writes only the residual
+stream) or the embedding. The wrapper therefore converts nothing (a conversion would be that
 kernel): the support check asks for int32 / int64 tensors with unit stride as
 the runner passes them.
 
@@ -75,27 +81,29 @@ _LOG2E = 1.4426950408889634
 _BODY = r"""
 #define NT 128
 #define CPR (HEAD_DIM / 8)        // 16-byte chunks per row
-#define LPT CPR                   // lanes per token in the score pass
-#define TPW (32 / LPT)            // tokens per warp step
-#define NGRP (NT / HEAD_DIM)      // thread groups in P @ V
-#define HPT ((GROUP + NGRP - 1) / NGRP)  // heads per thread in P @ V
+#define HC (CPR / 2)              // chunks a thread reads of a K row (two threads a token)
+#define NPAIR (HEAD_DIM / 2)      // dimension pairs: the P @ V threads of one token group
+#define NG (NT / NPAIR)           // token groups in P @ V (tokens j = group mod NG)
 #define HPW ((GROUP + 3) / 4)     // heads per warp in the softmax pass
 #define EPL (HEAD_DIM / 32)       // values per lane in the rotary pass
 #define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
 #define F_QNORM 1
 #define F_KNORM 2
 #define F_PDL 4
+#define F_EARLY 8
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
 
 struct Smem {
   u16 kv[STAGES][2][TILE][HEAD_DIM];  // ring of K/V tiles
-  float q[GROUP][HEAD_DIM];           // normalized, rotated, rounded query heads
+  u16 q[GROUP][HEAD_DIM];             // normalized, rotated query heads (in the dtype)
   float p[GROUP][TILE];               // scores, then probabilities
   float alpha[GROUP];
   float part_m[SPLITS][GROUP], part_l[SPLITS][GROUP];  // every split's results, pushed here
   float part_acc[SPLITS][SLICE];                       // (this program's slice of acc)
 };
 static_assert(sizeof(Smem) == SMEM_BYTES, "stream_decode.py's _smem_bytes is out of date");
+static_assert(NT == 2 * TILE, "the score pass gives every tile row two threads");
+static_assert(NG * GROUP * HEAD_DIM * 4 <= sizeof(((Smem*)0)->kv), "P @ V partials reuse the ring");
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -149,6 +157,10 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
   const int kvh = blockIdx.y, b = blockIdx.z;
   // Every program of the cluster is running before any writes another's shared memory.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  // F_EARLY (the caller's `trigger_early`): the next kernel launches now and loads its
+  // weights while this one runs.
+  if ((flags & F_PDL) && (flags & F_EARLY))
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
   // Before the PDL wait: only data the kernel before this one does not write (the block
   // table, seq_lens, positions, slots, the cached context, rotary and norm constants).
@@ -205,7 +217,7 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
 
   if (flags & F_PDL) {
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
 
   // Rotary of this token: every split its query heads (a warp a head); the owner also k,
@@ -217,7 +229,7 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
     for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(src[e]);
     norm_rotate(x, flags & F_QNORM, qnw, eps, cs, sn, lane);
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) sm.q[h][lane * EPL + e] = to_f<IS_BF16>(from_f<IS_BF16>(x[e]));
+    for (int e = 0; e < EPL; ++e) sm.q[h][lane * EPL + e] = from_f<IS_BF16>(x[e]);
   }
   if (owner && warp == 3) {
     const u16* ksrc = kn + (long long)b * s_knb + (long long)kvh * s_knh + lane * EPL;
@@ -244,21 +256,14 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
   }
   __syncthreads();
 
-  // This thread's query values for the score pass (fixed 8 dimensions of every head).
-  const int chunk = lane % LPT, sub = lane / LPT;
-  float qr[GROUP][8];
-#pragma unroll
-  for (int h = 0; h < GROUP; ++h)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) qr[h][e] = sm.q[h][chunk * 8 + e];
-
   float m_run[HPW], l_run[HPW];
 #pragma unroll
   for (int i = 0; i < HPW; ++i) { m_run[i] = NEG_INF; l_run[i] = 0.f; }
-  float acc[HPT];
+  // P @ V: this thread's dimension pair of every head, over tokens j = tg mod NG.
+  const int dp = tid % NPAIR, tg = tid / NPAIR;
+  float acc[GROUP][2];
 #pragma unroll
-  for (int i = 0; i < HPT; ++i) acc[i] = 0.f;
-  const int dim = tid % HEAD_DIM, grp = tid / HEAD_DIM;
+  for (int h = 0; h < GROUP; ++h) acc[h][0] = acc[h][1] = 0.f;
 
   for (int t = 0; t < ntiles; ++t) {
     asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
@@ -279,21 +284,31 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
       *(uint4*)((tid < CPR ? kt[r] : vt[r]) + c * 8) = v;
     }
     __syncthreads();
-    // Scores (base-2, scaled): LPT lanes per token.
+    // Scores (base-2, scaled): row j from threads 2j and 2j + 1, half a row each, read in
+    // an order rotated by j (and by half a row's chunks in the second thread) so that the
+    // eight threads of a quarter-warp hit distinct banks.
+    {
+      const int j = tid >> 1, half = tid & 1;
+      float sc[GROUP];
 #pragma unroll
-    for (int j0 = 0; j0 < TILE; j0 += 4 * TPW) {
-      const int j = j0 + warp * TPW + sub;
-      float kf[8];
-      const bool valid = j < n;
-      unpack8<IS_BF16>(valid ? *(const uint4*)(kt[j] + chunk * 8) : make_uint4(0, 0, 0, 0), kf);
+      for (int h = 0; h < GROUP; ++h) sc[h] = 0.f;
+#pragma unroll
+      for (int i = 0; i < HC; ++i) {
+        const int c = half * HC + (i + j + (HC >= 8 ? 4 * half : 0)) % HC;
+        float kf[8];
+        unpack8<IS_BF16>(*(const uint4*)(kt[j] + c * 8), kf);
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+          float qf[8];
+          unpack8<IS_BF16>(*(const uint4*)(&sm.q[h][c * 8]), qf);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sc[h] += qf[e] * kf[e];
+        }
+      }
 #pragma unroll
       for (int h = 0; h < GROUP; ++h) {
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) s += qr[h][e] * kf[e];
-#pragma unroll
-        for (int o = LPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (chunk == 0) sm.p[h][j] = valid ? s * scale_log2 : NEG_INF;
+        const float tot = sc[h] + __shfl_xor_sync(0xffffffffu, sc[h], 1);
+        if (half == 0) sm.p[h][j] = j < n ? tot * scale_log2 : NEG_INF;
       }
     }
     __syncthreads();
@@ -320,28 +335,35 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
       }
     }
     __syncthreads();
-    // P @ V: one thread per (head, dimension), two running sums per head.
+    // P @ V: each V element is read once and used for every head of the group.
 #pragma unroll
-    for (int i = 0; i < HPT; ++i) {
-      const int h = grp + NGRP * i;
-      if (h < GROUP) {
-        float a0 = acc[i] * sm.alpha[h], a1 = 0.f;
-        int j = 0;
-        for (; j + 4 <= n; j += 4) {
-          const float4 pj = *(const float4*)&sm.p[h][j];
-          a0 += pj.x * to_f<IS_BF16>(vt[j][dim]);
-          a1 += pj.y * to_f<IS_BF16>(vt[j + 1][dim]);
-          a0 += pj.z * to_f<IS_BF16>(vt[j + 2][dim]);
-          a1 += pj.w * to_f<IS_BF16>(vt[j + 3][dim]);
-        }
-        for (; j < n; ++j) a0 += sm.p[h][j] * to_f<IS_BF16>(vt[j][dim]);
-        acc[i] = a0 + a1;
+    for (int h = 0; h < GROUP; ++h) {
+      const float a = sm.alpha[h];
+      acc[h][0] *= a;
+      acc[h][1] *= a;
+    }
+#pragma unroll 4
+    for (int j = tg; j < n; j += NG) {
+      const unsigned vv = *(const unsigned*)(vt[j] + 2 * dp);
+      const float v0 = to_f<IS_BF16>((u16)(vv & 0xffffu)), v1 = to_f<IS_BF16>((u16)(vv >> 16));
+#pragma unroll
+      for (int h = 0; h < GROUP; ++h) {
+        const float pj = sm.p[h][j];
+        acc[h][0] += pj * v0;
+        acc[h][1] += pj * v1;
       }
     }
     __syncthreads();  // the slot is free: refill it
     load_tile(t + STAGES);
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
+  // The token groups' P @ V partials meet in the (now idle) ring.
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(&sm.kv[0][0][0][0]);
+#pragma unroll
+  for (int h = 0; h < GROUP; ++h)
+    *(float2*)&red[(tg * GROUP + h) * HEAD_DIM + 2 * dp] = make_float2(acc[h][0], acc[h][1]);
+  __syncthreads();
 
   // Push this split's (m, l) to every program and each acc value to the program that
   // merges it; one cluster barrier (release / acquire) later each merges its slice.
@@ -354,13 +376,11 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
       st_cluster(&sm.part_l[split][h], lane, l_run[i]);
     }
   }
+  for (int idx = tid; idx < GROUP * HEAD_DIM; idx += NT) {
+    float v = 0.f;
 #pragma unroll
-  for (int i = 0; i < HPT; ++i) {
-    const int h = grp + NGRP * i;
-    if (h < GROUP) {
-      const int idx = h * HEAD_DIM + dim;
-      st_cluster(&sm.part_acc[split][idx % SLICE], idx / SLICE, acc[i]);
-    }
+    for (int g = 0; g < NG; ++g) v += red[g * GROUP * HEAD_DIM + idx];
+    st_cluster(&sm.part_acc[split][idx % SLICE], idx / SLICE, v);
   }
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
                "barrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -402,7 +422,7 @@ def _module_name(head_dim: int, group: int, dtype: torch.dtype) -> str:
 def _smem_bytes(head_dim: int, group: int) -> int:
     ring = _STAGES * 2 * _TILE * head_dim * 2
     slice_ = -(-group * head_dim // SPLITS)
-    return (ring + group * head_dim * 4 + group * _TILE * 4 + group * 4
+    return (ring + group * head_dim * 2 + group * _TILE * 4 + group * 4
             + 2 * SPLITS * group * 4 + SPLITS * slice_ * 4)
 
 
@@ -491,9 +511,15 @@ def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: Dec
 
 def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float, new_kv: DecodeNewKV,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, *,
+                  trigger_early: bool = False) -> torch.Tensor:
     """`decode_attention(q, kv_cache, block_tables, seq_lens, scale, new_kv=new_kv)` for a
-    few sequences (the caller checks `stream_decode_supported`). Returns `[B, Hq, D]`."""
+    few sequences (the caller checks `stream_decode_supported`). Returns `[B, Hq, D]`.
+
+    `trigger_early` (with PDL): let the next kernel launch as this one starts, not after
+    its wait, so the next kernel's pre-wait phase (a GEMV's weight loads) overlaps all of
+    this one. The caller promises that the next kernel reads nothing before its wait that
+    the kernel before this one writes (kernels/pdl.py)."""
     if not stream_decode_supported(q, kv_cache, new_kv, block_tables, seq_lens):
         raise ValueError("stream_decode does not take this call (see stream_decode_supported)")
     batch, hq, d = q.shape
@@ -506,7 +532,7 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         assert out.shape == (batch, hq, d) and out.is_contiguous() and out.dtype == q.dtype
     pdl = pdl_enabled(q)
     flags = ((1 if nk.q_norm_weight is not None else 0) | (2 if nk.k_norm_weight is not None else 0)
-             | (4 if pdl else 0))
+             | (4 if pdl else 0) | (8 if pdl and trigger_early else 0))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     mod = cuda_rtc.compile_module(_source(d, group, q.dtype), _module_name(d, group, q.dtype),
                                   q.device)

@@ -13,8 +13,8 @@ up rows with SiLU-and-mul). Before `griddepcontrol.wait` every thread issues
 16-byte `cp.async` copies of its pieces of that span into shared memory, so
 the span streams in while the kernels before it finish; the loads stay in
 flight across the wait, which Triton cannot express (its loads land in
-registers before the wait). After the wait (before it with `trigger_early`)
-the program triggers the next kernel's launch, reads x (RMSNorm'ed on the
+registers before the wait). After the wait (with `trigger_early`, first of all,
+before the copies are issued) the program triggers the next kernel's launch, reads x (RMSNorm'ed on the
 fly), waits for its copies, and multiplies from shared memory: 8 warps take
 groups of 4 rows, and when there are fewer groups than warps each group's K is
 split over several warps (the slices meet in shared memory, added in a fixed
@@ -28,10 +28,13 @@ timestamps showed 16-33 of the 132 SMs running two programs of one GEMV (and
 others none), worst after decode attention, which holds only 64 SMs.
 `exclusive=True` pads a program's shared memory past half an SM so that two
 cannot share one (the model sets it for o_proj; -7 to -9 us a step).
-`trigger_early=True` lets the next kernel launch before the wait (the model sets
-it for o_proj, so gate/up's 12 MB stream in during attention): qwen3 latency
-1,375 -> 1,420 tok/s, graph replay 581 us. On the QKV GEMV it gained nothing in
-latency; on gate/up or down it lost (658 against 628 us), as on all of them (below).
+`trigger_early=True` lets the next kernel launch as this one starts (the model
+sets it for o_proj, so gate/up's 12 MB stream in during attention, and for the
+QKV GEMV, so decode attention gathers its context during the projection):
+qwen3 latency 1,375 -> 1,420 tok/s with the trigger after the copies' issue on
+o_proj only; at the start, on QKV as well, 1,414 -> 1,452 (with decode
+attention triggering at its start too, 1,531: BENCHMARKS.md). On gate/up or down
+it lost (658 against 628 us), as on all of them (below).
 
 Measured on the H100 (benchmarks/stream_gemv.py, BENCHMARKS.md): Qwen3-0.6B's
 28 x 4 one-token GEMVs take 511 us as a graph against 621 us with the Triton
@@ -113,6 +116,10 @@ __device__ __forceinline__ void stream_gemv_body(
   const bool silu = flags & F_SILU;
   const unsigned row_bytes = (unsigned)k * 2u;
 
+  // 0. F_EARLY (the caller's `trigger_early`): let the next kernel launch now, so its
+  //    pre-wait phase overlaps all of this one, even the issue of this one's copies.
+  if ((flags & F_PDL) && (flags & F_EARLY))
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // 1. Every thread asks for its 16-byte pieces of the program's weight span (data no
   //    kernel writes: safe before the PDL wait).
   const unsigned total = (unsigned)rows * row_bytes;
@@ -126,11 +133,8 @@ __device__ __forceinline__ void stream_gemv_body(
                    :: "r"(smem_u32(ws + total + off)), "l"(src_up + off) : "memory");
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
-  // 2. PDL: wait for the previous kernel, then let the next one launch; with F_EARLY
-  //    (the caller's `trigger_early`) let it launch first, so its pre-wait phase overlaps
-  //    the kernel before this one too.
+  // 2. PDL: wait for the previous kernel, then (without F_EARLY) let the next one launch.
   if (flags & F_PDL) {
-    if (flags & F_EARLY) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
     if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   }
@@ -392,8 +396,8 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     one (`exclusive_smem`). For a GEMV after a kernel that holds only some SMs (decode
     attention): the scheduler otherwise doubles its programs up on the free SMs.
 
-    `trigger_early` (with PDL): let the next kernel launch before this one's wait, not
-    after it. Its wait still waits for this kernel, but its pre-wait phase may then run
+    `trigger_early` (with PDL): let the next kernel launch as this one starts (before its
+    copies and its wait), not after its wait. Its wait still waits for this kernel, but its pre-wait phase may then run
     while the kernel before this one is still running: the caller promises that kernel
     writes nothing the next one reads before its wait."""
     if not stream_gemv_supported(x, weight, silu_mul, norm_weight, bias, add_to):

@@ -34,6 +34,12 @@ def _attend(q, cache, block_tables, seq_lens, scale, new_kv):
     return stream_decode(q, cache, block_tables, seq_lens, scale, new_kv)
 
 
+def _attend_early(q, cache, block_tables, seq_lens, scale, new_kv):
+    """As the backend calls it: the next kernel may launch as this one starts."""
+    assert stream_decode_supported(q, cache, new_kv, block_tables, seq_lens)
+    return stream_decode(q, cache, block_tables, seq_lens, scale, new_kv, trigger_early=True)
+
+
 def test_stream_decode_rejects_cpu_tensors():
     q, kv_cache, block_tables, seq_lens = make_case([5], 2, 2, 64, 4, torch.float16)
     k = torch.zeros(1, 2, 64, dtype=torch.float16)
@@ -59,12 +65,14 @@ def test_stream_decode_gpu(dtype, normed, head_dim, group, block_size, lens):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_stream_decode_gpu_odd_block_size_and_unstored_rows():
+@pytest.mark.parametrize("attend", [_attend, _attend_early], ids=["trigger_after_wait",
+                                                                  "trigger_early"])
+def test_stream_decode_gpu_odd_block_size_and_unstored_rows(attend):
     """Block size 6 (tokens straddle blocks unevenly); a live row with slot -1 attends to its
     new token without storing it; a padding row's valid slot is not stored."""
     check_decode_new_kv([23, 200, 0], 2, 2, 128, 6, torch.bfloat16, splits=[None],
                         atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda",
-                        slot_overrides={1: -1, 2: 5}, attend=_attend)
+                        slot_overrides={1: -1, 2: 5}, attend=attend)
 
 
 @pytest.mark.gpu
@@ -208,6 +216,56 @@ def test_stream_decode_waits_for_the_kernel_before_it():
 
 @pytest.mark.gpu
 @needs_hopper
+def test_gemv_after_an_early_triggering_stream_decode():
+    """With `trigger_early` the output projection launches as attention starts and streams
+    its weights in; its wait must still see attention's output (and, in a CUDA graph, the
+    QKV projection before attention triggering early as well, as the model runs them)."""
+    from paged_backend.kernels.decode_attention import decode_attention
+    from paged_backend.kernels.stream_gemv import stream_gemv
+
+    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case([1500])
+    scale = 128 ** -0.5
+    gen = torch.Generator().manual_seed(7)
+    w_o = (torch.randn(1024, 2048, generator=gen) * 0.02).to("cuda", torch.bfloat16)
+    w_qkv = (torch.randn(qkv.shape[1], 1024, generator=gen) * 0.02).to("cuda", torch.bfloat16)
+    x = torch.randn(1, 1024, generator=gen).to("cuda", torch.bfloat16)
+    ref_cache = kv_cache.clone()
+    qkv_ref = (x.float() @ w_qkv.float().t()).to(torch.bfloat16)
+    q_r, k_r, v_r = qkv_ref.view(1, -1, 128).split([16, 8, 8], dim=1)
+    attn_ref = decode_attention(q_r, ref_cache, block_tables, seq_lens, scale, new_kv=DecodeNewKV(
+        k_r, v_r, *[getattr(nk, f) for f in ("positions", "slot_mapping", "inv_freq",
+                                            "q_norm_weight", "k_norm_weight", "eps")]))
+    ref = attn_ref.view(1, -1).float() @ w_o.float().t()
+
+    def layer(cache):
+        qkv_o = stream_gemv(x, w_qkv, trigger_early=True)
+        q_o, k_o, v_o = qkv_o.view(1, -1, 128).split([16, 8, 8], dim=1)
+        att = stream_decode(q_o, cache, block_tables, seq_lens, scale, DecodeNewKV(
+            k_o, v_o, *[getattr(nk, f) for f in ("positions", "slot_mapping", "inv_freq",
+                                                "q_norm_weight", "k_norm_weight", "eps")]),
+            trigger_early=True)
+        return stream_gemv(att.view(1, -1), w_o, exclusive=True, trigger_early=True)
+
+    for _ in range(3):
+        cache = kv_cache.clone()
+        out = layer(cache)
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+    cache = kv_cache.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(cache)
+    for _ in range(3):
+        cache.copy_(kv_cache)
+        out.zero_()
+        graph.replay()
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_stream_decode_in_a_cuda_graph():
     """Captured once, replayed with new lengths, positions and slots: the grid and shared
     memory do not depend on the context length (the ring streams any number of tiles)."""
@@ -225,7 +283,7 @@ def test_stream_decode_in_a_cuda_graph():
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = stream_decode(q, cache, block_tables, static_lens, scale, gnk)
+        out = stream_decode(q, cache, block_tables, static_lens, scale, gnk, trigger_early=True)
     for lens in ([4000, 7, 1500], [1, 2, 3], [0, 6, 64], [2500, 7, 1]):  # within each row's blocks
         lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
         pos = (lens_t.long() - 1).clamp(min=0)
@@ -255,7 +313,7 @@ def test_backend_dispatch(monkeypatch):
     calls = []
     backend = ta.TritonAttentionBackend()
     real = backend._stream_decode
-    backend._stream_decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    backend._stream_decode = lambda *a, **k: calls.append(k.get("trigger_early")) or real(*a, **k)
 
     def run(lens):
         qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
@@ -273,9 +331,9 @@ def test_backend_dispatch(monkeypatch):
         torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
 
     run([100] * STREAM_DECODE_MAX_BATCH)
-    assert calls == [1]
+    assert calls == [True]  # the output projection after it reads only weights pre-wait
     run([100] * (STREAM_DECODE_MAX_BATCH + 1))
-    assert calls == [1]
+    assert calls == [True]
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")
     run([100])
-    assert calls == [1]
+    assert calls == [True]

@@ -110,8 +110,8 @@ def test_stream_gemv_ragged_shapes(n, k, variant):
 def test_stream_gemv_layers_in_cuda_graph(early):
     """Two layers' four GEMVs captured once with PDL, replayed on new inputs: each kernel
     reads what the one before it wrote (its weights load before the PDL wait). With
-    `trigger_early` and `exclusive` on the o GEMV, as the model sets them, the gate/up
-    GEMV launches before o's wait, and the results are the same."""
+    `trigger_early` on the QKV and o GEMVs and `exclusive` on o, as the model sets them,
+    the gate/up GEMV launches as o starts, and the results are the same."""
     dt, hidden, inter, qkv_n = torch.bfloat16, 1024, 3072, 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -128,9 +128,10 @@ def test_stream_gemv_layers_in_cuda_graph(early):
 
     def run(gemm, s):
         opts = {"trigger_early": True, "exclusive": True} if early and gemm is stream_gemv else {}
+        qopts = {"trigger_early": True} if early and gemm is stream_gemv else {}
         outs = []
         for ly in layers:
-            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6)
+            qkv = gemm(s, ly["qkv"], None, norm_weight=ly["ln1"], eps=1e-6, **qopts)
             gemm(qkv[:, : qkv_n // 2].contiguous(), ly["o"], None, add_to=s, **opts)
             act = gemm(s, ly["gate_up"], None, norm_weight=ly["ln2"], eps=1e-6, silu_mul=True)
             gemm(act, ly["down"], None, add_to=s)

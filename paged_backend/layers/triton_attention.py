@@ -68,9 +68,11 @@ class TritonAttentionBackend:
         if meta.num_seqs <= self._stream_max_batch and self._stream_supported(
                 q, kv_cache, new_kv, meta.block_tables, meta.seq_lens):
             # A few sequences on Hopper: one CUDA kernel whose context loads before its PDL
-            # wait, splits merged in a thread-block cluster (kernels/stream_decode.py).
+            # wait, splits merged in a thread-block cluster (kernels/stream_decode.py). It
+            # lets the next kernel, the output projection (whose pre-wait phase reads only
+            # weights), launch at its start.
             return self._stream_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                       new_kv)
+                                       new_kv, trigger_early=True)
         return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                             num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,
                             new_kv=new_kv)

@@ -192,8 +192,11 @@ class LlamaDecoderLayer(torch.nn.Module):
         stream = hidden if residual is None else hidden + residual
         attn, mlp = self.self_attn, self.mlp
         ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        # QKV: trigger_early, so decode attention launches at once and gathers its cached
+        # context during the projection (the kernel before this one, the previous layer's
+        # down projection or the embedding, writes none of what it reads before its wait).
         qkv = gemm(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                   norm_weight=ln1.weight, eps=ln1.eps)
+                   norm_weight=ln1.weight, eps=ln1.eps, trigger_early=True)
         out = attn.attend(positions, qkv, kv_cache, meta, cos_sin)
         # o_proj: exclusive, since attention holds only some SMs and o_proj's programs would
         # double up on the others; trigger_early, so gate/up (whose pre-wait phase reads
