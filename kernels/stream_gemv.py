@@ -32,9 +32,10 @@ cannot share one (the model sets it for o_proj; -7 to -9 us a step).
 sets it for o_proj, so gate/up's 12 MB stream in during attention, and for the
 QKV GEMV, so decode attention gathers its context during the projection):
 qwen3 latency 1,375 -> 1,420 tok/s with the trigger after the copies' issue on
-o_proj only; at the start, on QKV as well, 1,414 -> 1,452 (with decode
-attention triggering at its start too, 1,531: BENCHMARKS.md). On gate/up or down
-it lost (658 against 628 us), as on all of them (below).
+o_proj only; at the start, on QKV as well (and with the faster stream_decode),
+1,413 -> 1,453; with stream_decode triggering at its start too, 1,532-1,537
+(BENCHMARKS.md, eighth session). On gate/up or down it lost (658 against 628
+us), as on all of them (below).
 
 Measured on the H100 (benchmarks/stream_gemv.py, BENCHMARKS.md): Qwen3-0.6B's
 28 x 4 one-token GEMVs take 511 us as a graph against 621 us with the Triton
