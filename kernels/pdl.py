@@ -16,19 +16,19 @@ Every kernel here that takes a `PDL` constexpr follows that contract, as do
 the CUDA kernels launched through `cuda_rtc.launch(..., pdl=True)` (stream_gemv
 copies its weights before the wait), so a chain of them is safe in any order
 and next to kernels launched without PDL (those wait for full completion as
-usual). One exception: a kernel that triggers before its own wait
-(`stream_gemv(trigger_early=True)`) lets the next one run its pre-wait phase while
-the kernel two back may still run, so that next kernel must read nothing before its
-wait that the kernel two back writes (anything older has completed, as long as the
-kernel two back triggers after its own wait). The model uses it on o_proj, before the
-gate/up GEMV (which reads only weights before its wait), and on the QKV GEMV, before
-decode attention (which reads the block table, positions, slots and cached context
-before its wait; the kernel two back is the previous layer's down projection, which
-writes only the residual stream, or, at the first layer, the embedding, which is
-launched without PDL and so has completed). `stream_decode(trigger_early=True)` does
-the same before the output projection (weights only before its wait). CUDA graphs
-capture the launches
-with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
+usual). One exception: a kernel that triggers at its start, before its own wait
+(`trigger_early=True` of `stream_gemv` and `stream_decode`), lets the next kernel run
+its pre-wait phase while the kernels before it may still run, back to and including
+the nearest one that triggers after its own wait (everything before that one has
+completed; a kernel launched without PDL starts only when everything before it has).
+So the next kernel must read nothing before its wait that any of those kernels writes.
+In the models: the QKV GEMV triggers early, before decode attention, whose pre-wait
+reads (block table, seq_lens, positions, slots, cached context) may overlap the QKV
+GEMV and the previous layer's down projection (which triggers after its wait and
+writes only the residual stream); at the first layer the embedding before the QKV GEMV
+is launched without PDL. Decode attention and o_proj trigger early before o_proj and
+the gate/up GEMV, whose pre-wait phases read only weights, which no kernel writes.
+CUDA graphs capture the launches with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
 """
 
 from __future__ import annotations

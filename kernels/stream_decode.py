@@ -162,8 +162,9 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
   if ((flags & F_PDL) && (flags & F_EARLY))
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
-  // Before the PDL wait: only data the kernel before this one does not write (the block
-  // table, seq_lens, positions, slots, the cached context, rotary and norm constants).
+  // Before the PDL wait: only data that neither the kernel before this one nor, when that
+  // one triggers early, the kernels before it write (the block table, seq_lens, positions,
+  // slots, the cached context, rotary and norm constants).
   // The splits deal out the L positions in runs of cdiv(L, SPLITS); the new token (position
   // L - 1) comes from q/k/v after the wait unless its slot is negative (then the row stores
   // nothing and reads all L positions from the cache, as the Triton kernel does).
@@ -519,7 +520,8 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     `trigger_early` (with PDL): let the next kernel launch as this one starts, not after
     its wait, so the next kernel's pre-wait phase (a GEMV's weight loads) overlaps all of
     this one. The caller promises that the next kernel reads nothing before its wait that
-    the kernel before this one writes (kernels/pdl.py)."""
+    this kernel or its predecessors back to the nearest one that triggers after its own
+    wait write (kernels/pdl.py)."""
     if not stream_decode_supported(q, kv_cache, new_kv, block_tables, seq_lens):
         raise ValueError("stream_decode does not take this call (see stream_decode_supported)")
     batch, hq, d = q.shape

@@ -398,9 +398,10 @@ def stream_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     attention): the scheduler otherwise doubles its programs up on the free SMs.
 
     `trigger_early` (with PDL): let the next kernel launch as this one starts (before its
-    copies and its wait), not after its wait. Its wait still waits for this kernel, but its pre-wait phase may then run
-    while the kernel before this one is still running: the caller promises that kernel
-    writes nothing the next one reads before its wait."""
+    copies and its wait), not after its wait. Its wait still waits for this kernel, but its
+    pre-wait phase may then overlap this kernel's predecessors back to the nearest one
+    that triggers after its own wait: the caller promises that none of them writes what the
+    next kernel reads before its wait (kernels/pdl.py)."""
     if not stream_gemv_supported(x, weight, silu_mul, norm_weight, bias, add_to):
         raise ValueError("stream_gemv does not take this call (see stream_gemv_supported)")
     n_w, k = weight.shape

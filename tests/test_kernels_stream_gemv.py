@@ -110,8 +110,10 @@ def test_stream_gemv_ragged_shapes(n, k, variant):
 def test_stream_gemv_layers_in_cuda_graph(early):
     """Two layers' four GEMVs captured once with PDL, replayed on new inputs: each kernel
     reads what the one before it wrote (its weights load before the PDL wait). With
-    `trigger_early` on the QKV and o GEMVs and `exclusive` on o, as the model sets them,
-    the gate/up GEMV launches as o starts, and the results are the same."""
+    `trigger_early` and `exclusive` on o, as the model sets them, the gate/up GEMV launches
+    as o starts, and the results are the same. (QKV's `trigger_early` is set too, but here
+    a torch copy without PDL follows it; tests/test_kernels_stream_decode.py runs it before
+    decode attention as the model does.)"""
     dt, hidden, inter, qkv_n = torch.bfloat16, 1024, 3072, 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
 

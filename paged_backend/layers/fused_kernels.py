@@ -57,8 +57,8 @@ def one_token_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     where it takes the call (it streams the weights in before the previous kernel ends).
 
     `exclusive` and `trigger_early` (keywords, default False) are `stream_gemv`'s: one
-    program per SM, and the next kernel launched before this one's wait; the Triton
-    kernel has no use for them."""
+    program per SM, and the next kernel launched as this one starts; the Triton kernel
+    has no use for them."""
     from paged_backend.kernels.stream_gemv import stream_gemv, stream_gemv_supported
     exclusive = kwargs.pop("exclusive", False)
     trigger_early = kwargs.pop("trigger_early", False)

@@ -59,20 +59,21 @@ class TritonAttentionBackend:
                             meta.max_query_len, scale)
 
     def decode_with_new_kv(self, q: torch.Tensor, new_kv, kv_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float):
+                           meta: AttentionMetadata, scale: float, trigger_early: bool = False):
         """Pure-decode steps: attention of the un-rotated `q` with the rotary and the KV
         write of the new tokens (`new_kv`, a `DecodeNewKV`) done by the decode kernel itself,
-        one launch less per layer. Returns None, having done nothing, for other steps."""
+        one launch less per layer. Returns None, having done nothing, for other steps.
+
+        `trigger_early`: the caller's next kernel reads only weights before its PDL wait
+        (an output projection), so the CUDA decode kernel may let it launch at its start."""
         if not _pure_decode(meta):
             return None
         if meta.num_seqs <= self._stream_max_batch and self._stream_supported(
                 q, kv_cache, new_kv, meta.block_tables, meta.seq_lens):
             # A few sequences on Hopper: one CUDA kernel whose context loads before its PDL
-            # wait, splits merged in a thread-block cluster (kernels/stream_decode.py). It
-            # lets the next kernel, the output projection (whose pre-wait phase reads only
-            # weights), launch at its start.
+            # wait, splits merged in a thread-block cluster (kernels/stream_decode.py).
             return self._stream_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                       new_kv, trigger_early=True)
+                                       new_kv, trigger_early=trigger_early)
         return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                             num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,
                             new_kv=new_kv)

@@ -126,7 +126,10 @@ class LlamaAttention(torch.nn.Module):
         if decode_new is not None and meta.max_query_len == 1:
             new_kv = self.rotary_emb.decode_new_kv(positions, q, k, v, kv_cache,
                                                    meta.slot_mapping, self.q_norm, self.k_norm)
-            out = None if new_kv is None else decode_new(q, new_kv, kv_cache, meta, self.scale)
+            # The next kernel is the output projection (weights only before its PDL wait),
+            # so the decode kernel may let it launch at its start.
+            out = None if new_kv is None else decode_new(q, new_kv, kv_cache, meta, self.scale,
+                                                         trigger_early=True)
             if out is not None:
                 return out.reshape(num_tokens, self.num_heads * self.head_dim)
         # Otherwise on the kernel path one launch rotates q/k and writes k/v into the cache,
