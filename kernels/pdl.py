@@ -28,7 +28,8 @@ GEMV and the previous layer's down projection (which triggers after its wait and
 writes only the residual stream); at the first layer the embedding before the QKV GEMV
 is launched without PDL. Decode attention and o_proj trigger early before o_proj and
 the gate/up GEMV, whose pre-wait phases read only weights, which no kernel writes.
-CUDA graphs capture the launches with programmatic edges. `PAGED_BACKEND_PDL=0` turns it off (read once).
+CUDA graphs capture the launches with programmatic edges. `PAGED_BACKEND_PDL=0` turns it
+off (read once).
 """
 
 from __future__ import annotations

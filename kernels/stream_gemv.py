@@ -13,9 +13,9 @@ up rows with SiLU-and-mul). Before `griddepcontrol.wait` every thread issues
 16-byte `cp.async` copies of its pieces of that span into shared memory, so
 the span streams in while the kernels before it finish; the loads stay in
 flight across the wait, which Triton cannot express (its loads land in
-registers before the wait). After the wait (with `trigger_early`, first of all,
-before the copies are issued) the program triggers the next kernel's launch, reads x (RMSNorm'ed on the
-fly), waits for its copies, and multiplies from shared memory: 8 warps take
+registers before the wait). After the wait (with `trigger_early`, first of
+all, before the copies are issued) the program triggers the next kernel's
+launch, reads x (RMSNorm'ed on the fly), waits for its copies, and multiplies from shared memory: 8 warps take
 groups of 4 rows, and when there are fewer groups than warps each group's K is
 split over several warps (the slices meet in shared memory, added in a fixed
 order). With `add_to` in that K-split case, the thread that stores a row reads
