@@ -6,6 +6,10 @@ in shuffled blocks, and times one decode-attention call per layer in a CUDA grap
 (median over replays, `benchmarks/skinny_gemm.py`'s timer). GB/s counts the K and V bytes the call must read. With
 `--sweep` it times a grid of split counts, KV tile sizes, warps and pipeline depths
 (one compile per config) and lists the fastest; otherwise the engine's defaults.
+With `--new-kv` every call also rotates and stores the step's token (`DecodeNewKV`, as the
+engine's decode steps run), and the CUDA `batch_decode` (kernels/batch_decode.py) is timed
+next to the Triton kernel over its splits, warps and ring depths, its output checked
+against the Triton kernel's.
 
     python benchmarks/decode_attention.py --batch 64 --min-len 200 --max-len 2000 --sweep
 """
@@ -36,6 +40,8 @@ def parse_args() -> argparse.Namespace:
                          "[block, slot, head, D]) or head-major ([block, head, slot, D], as a "
                          "permuted view of the same logical shape)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--new-kv", action="store_true",
+                    help="fused rotary + KV store of the new token; also time batch_decode")
     ap.add_argument("--top", type=int, default=8)
     return ap.parse_args()
 
@@ -80,12 +86,53 @@ def main() -> None:
         kv_bytes = int(lens.sum()) * hkv * d * 2 * 2
         default_splits = choose_num_splits(batch, hkv, a.max_model_len)
 
+        new_kv = [None] * a.layers
+        if a.new_kv:
+            from paged_backend.kernels.decode_attention import DecodeNewKV
+            kn = torch.randn(batch, hkv, d, device=dev, dtype=dt)
+            vn = torch.randn(batch, hkv, d, device=dev, dtype=dt)
+            pos = (lens - 1).to(dev)
+            w = torch.rand(d, device=dev).to(dt) + 0.5
+            inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
+            for i in range(a.layers):
+                last = [int(tables[i][b, (int(n) - 1) // bs]) * bs + (int(n) - 1) % bs
+                        for b, n in enumerate(lens)]
+                new_kv[i] = DecodeNewKV(kn, vn, pos, torch.tensor(last, device=dev), inv_freq,
+                                        w, w, 1e-6)
+
         def call(i, **kw):
-            decode_attention(q, caches[i], tables[i], seq_lens, d ** -0.5, out=out, **kw)
+            decode_attention(q, caches[i], tables[i], seq_lens, d ** -0.5, out=out,
+                             new_kv=new_kv[i], **kw)
 
         t = time_graph(lambda i: call(i, num_splits=default_splits), a.layers, a.target_ms)
         print(f"batch {batch}: {kv_bytes / 1e6:.1f} MB of KV; default (splits {default_splits}) "
               f"{t:.2f} us, {kv_bytes / t / 1e3:.0f} GB/s", flush=True)
+        if a.new_kv:
+            from paged_backend.kernels.batch_decode import batch_decode, choose_splits
+            ref = out.clone()
+            rows = []
+            for splits, warps, stages in itertools.product([1, 2, 4, 8], [4, 8], [2, 3, 4]):
+                kw = dict(splits=splits, nwarps=warps, stages=stages)
+                bout = torch.empty_like(q)
+
+                def bcall(i, kw=kw, bout=bout):
+                    batch_decode(q, caches[i], tables[i], seq_lens, d ** -0.5, new_kv[i],
+                                 out=bout, **kw)
+                try:
+                    call(a.layers - 1, num_splits=default_splits)
+                    ref = out.clone()
+                    bcall(a.layers - 1)
+                    err = (bout.float() - ref.float()).abs().max().item()
+                    t = time_graph(bcall, a.layers, a.target_ms / 3)
+                except Exception as exc:  # e.g. out of shared memory
+                    print(f"  skip {kw}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    continue
+                rows.append((t, kw, err))
+            rows.sort(key=lambda r: r[0])
+            print(f"  batch_decode (default splits {choose_splits(batch, hkv)}):")
+            for t, kw, err in rows[:a.top]:
+                print(f"    {t:8.2f} us {kv_bytes / t / 1e3:6.0f} GB/s  {kw}  max|diff| {err:.2e}",
+                      flush=True)
         if not a.sweep:
             continue
         results = []

@@ -78,32 +78,16 @@ _STAGES = 2  # tiles in flight; the first _STAGES are issued before the PDL wait
 _NUM_THREADS = 128
 _LOG2E = 1.4426950408889634
 
-_BODY = r"""
-#define NT 128
-#define CPR (HEAD_DIM / 8)        // 16-byte chunks per row
-#define HC (CPR / 2)              // chunks a thread reads of a K row (two threads a token)
-#define NPAIR (HEAD_DIM / 2)      // dimension pairs: the P @ V threads of one token group
-#define NG (NT / NPAIR)           // token groups in P @ V (tokens j = group mod NG)
-#define HPW ((GROUP + 3) / 4)     // heads per warp in the softmax pass
+# Device code both CUDA attention kernels use (after DEVICE_HELPERS and the HEAD_DIM and
+# IS_BF16 defines): flag bits, a warp max, a store to a cluster peer's shared memory,
+# and the RMSNorm + rotary of one head.
+ATTENTION_HELPERS = r"""
 #define EPL (HEAD_DIM / 32)       // values per lane in the rotary pass
-#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
 #define F_QNORM 1
 #define F_KNORM 2
 #define F_PDL 4
 #define F_EARLY 8
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
-
-struct Smem {
-  u16 kv[STAGES][2][TILE][HEAD_DIM];  // ring of K/V tiles
-  u16 q[GROUP][HEAD_DIM];             // normalized, rotated query heads (in the dtype)
-  float p[GROUP][TILE];               // scores, then probabilities
-  float alpha[GROUP];
-  float part_m[SPLITS][GROUP], part_l[SPLITS][GROUP];  // every split's results, pushed here
-  float part_acc[SPLITS][SLICE];                       // (this program's slice of acc)
-};
-static_assert(sizeof(Smem) == SMEM_BYTES, "stream_decode.py's _smem_bytes is out of date");
-static_assert(NT == 2 * TILE, "the score pass gives every tile row two threads");
-static_assert(NG * GROUP * HEAD_DIM * 4 <= sizeof(((Smem*)0)->kv), "P @ V partials reuse the ring");
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -138,6 +122,29 @@ __device__ __forceinline__ void norm_rotate(float* x, bool norm, const float* nw
 #pragma unroll
   for (int e = 0; e < EPL; ++e) x[e] = x[e] * cs[e] + xp[e] * (first ? -sn[e] : sn[e]);
 }
+
+"""
+
+_BODY = r"""
+#define NT 128
+#define CPR (HEAD_DIM / 8)        // 16-byte chunks per row
+#define HC (CPR / 2)              // chunks a thread reads of a K row (two threads a token)
+#define NPAIR (HEAD_DIM / 2)      // dimension pairs: the P @ V threads of one token group
+#define NG (NT / NPAIR)           // token groups in P @ V (tokens j = group mod NG)
+#define HPW ((GROUP + 3) / 4)     // heads per warp in the softmax pass
+#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
+
+struct Smem {
+  u16 kv[STAGES][2][TILE][HEAD_DIM];  // ring of K/V tiles
+  u16 q[GROUP][HEAD_DIM];             // normalized, rotated query heads (in the dtype)
+  float p[GROUP][TILE];               // scores, then probabilities
+  float alpha[GROUP];
+  float part_m[SPLITS][GROUP], part_l[SPLITS][GROUP];  // every split's results, pushed here
+  float part_acc[SPLITS][SLICE];                       // (this program's slice of acc)
+};
+static_assert(sizeof(Smem) == SMEM_BYTES, "stream_decode.py's _smem_bytes is out of date");
+static_assert(NT == 2 * TILE, "the score pass gives every tile row two threads");
+static_assert(NG * GROUP * HEAD_DIM * 4 <= sizeof(((Smem*)0)->kv), "P @ V partials reuse the ring");
 
 extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(NT)
 stream_decode(const u16* q, long long s_qb, long long s_qh,
@@ -413,7 +420,7 @@ def _source(head_dim: int, group: int, dtype: torch.dtype) -> str:
     defs = (f"#define HEAD_DIM {head_dim}\n#define GROUP {group}\n#define SPLITS {SPLITS}\n"
             f"#define STAGES {_STAGES}\n#define TILE {_TILE}\n#define SMEM_BYTES {_smem_bytes(head_dim, group)}\n"
             f"#define IS_BF16 {'true' if dtype == torch.bfloat16 else 'false'}\n")
-    return cuda_rtc.DEVICE_HELPERS + defs + _BODY
+    return cuda_rtc.DEVICE_HELPERS + defs + ATTENTION_HELPERS + _BODY
 
 
 def _module_name(head_dim: int, group: int, dtype: torch.dtype) -> str:
@@ -462,16 +469,19 @@ def _launchable(index: int, head_dim: int, group: int, dtype: torch.dtype) -> bo
     return n > 0
 
 
-def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
-                            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
-    """Whether `stream_decode` takes this decode step (see the module docstring's limits)."""
+def layout_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    """What both CUDA attention kernels (this and `batch_decode`) ask of a decode step's
+    tensors, at any batch size: a Hopper-or-newer device with the CUDA runtime pieces,
+    bf16/fp16, head_dim 64 or 128, 1-8 query heads per KV head, the cache, index and norm
+    layouts of the module docstring, and the switch PAGED_BACKEND_STREAM_GEMV not "0"."""
     if q.device.type != "cuda" or q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         return False
     batch, hq, d = q.shape
     hkv = kv_cache.shape[3]
     if not (q.dtype in (torch.bfloat16, torch.float16) and kv_cache.dtype == q.dtype
             and d in (64, 128) and kv_cache.shape[4] == d and hq % hkv == 0
-            and 1 <= hq // hkv <= 8 and 1 <= batch <= STREAM_DECODE_MAX_BATCH):
+            and 1 <= hq // hkv <= 8 and batch >= 1):
         return False
     if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
         return False
@@ -502,12 +512,21 @@ def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: Dec
                                                nk.positions, nk.slot_mapping, nk.inv_freq,
                                                *norms)):
         return False
+    return _hopper(_index(q.device)) and cuda_rtc.available()
+
+
+def stream_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    """Whether `stream_decode` takes this decode step (see the module docstring's limits)."""
+    if not layout_supported(q, kv_cache, new_kv, block_tables, seq_lens):
+        return False
+    if q.shape[0] > STREAM_DECODE_MAX_BATCH:
+        return False
     index = _index(q.device)
-    if not _hopper(index) or not cuda_rtc.available():
+    d, group = q.shape[2], q.shape[1] // kv_cache.shape[3]
+    if _smem_bytes(d, group) > _smem_optin(index):
         return False
-    if _smem_bytes(d, hq // hkv) > _smem_optin(index):
-        return False
-    return _launchable(index, d, hq // hkv, q.dtype)
+    return _launchable(index, d, group, q.dtype)
 
 
 def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

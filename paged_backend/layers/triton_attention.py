@@ -3,10 +3,11 @@
 Per layer: `forward` writes the new tokens' K/V into their slots with one kernel
 (the Llama family's layers instead have the rotary kernel store them and call
 `attend`, which starts here; on pure-decode steps they call `decode_with_new_kv`,
-where the decode kernel rotates and stores the new token itself, and a step of
-at most four sequences on Hopper runs the CUDA `stream_decode` instead), then a
-batch of pure decode rows runs the split-KV decode kernel (query heads of a
-KV head packed into one `tl.dot`, partial results merged by log-sum-exp),
+where the decode kernel rotates and stores the new token itself; on Hopper a
+step of at most four sequences runs the CUDA `stream_decode` and a larger one the
+CUDA `batch_decode`), then a batch of pure decode rows runs the split-KV decode
+kernel (query heads of a KV head packed into one `tl.dot`, partial results
+merged by log-sum-exp),
 and any other batch (prefill, chunked prefill, prefix hits, mixed) runs the
 varlen extend kernel, which reads the cached prefix straight from the
 blocks. Nothing here reads device values on the host.
@@ -31,6 +32,7 @@ class TritonAttentionBackend:
     graph_capturable = True
 
     def __init__(self) -> None:
+        from paged_backend.kernels.batch_decode import batch_decode, batch_decode_supported
         from paged_backend.kernels.decode_attention import decode_attention
         from paged_backend.kernels.extend_attention import extend_attention
         from paged_backend.kernels.kv_write import write_kv
@@ -40,6 +42,8 @@ class TritonAttentionBackend:
         self._stream_decode = stream_decode
         self._stream_supported = stream_decode_supported
         self._stream_max_batch = STREAM_DECODE_MAX_BATCH
+        self._batch_decode = batch_decode
+        self._batch_supported = batch_decode_supported
         self._extend = extend_attention
         self._write = write_kv
 
@@ -74,6 +78,11 @@ class TritonAttentionBackend:
             # wait, splits merged in a thread-block cluster (kernels/stream_decode.py).
             return self._stream_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                        new_kv, trigger_early=trigger_early)
+        if self._batch_supported(q, kv_cache, new_kv, meta.block_tables, meta.seq_lens):
+            # More sequences on Hopper: per-warp cp.async rings and tensor-core MMAs
+            # (kernels/batch_decode.py), ~20% faster than the Triton kernel at 16-64.
+            return self._batch_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                      new_kv, trigger_early=trigger_early)
         return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                             num_splits=meta.decode_num_splits, max_seq_len=meta.max_seq_len,
                             new_kv=new_kv)

@@ -1,0 +1,258 @@
+"""The CUDA decode-attention kernel for batches (`batch_decode`) against the oracle of the
+Triton decode kernel with `new_kv` (rotary ref, KV-write ref, decode ref).
+
+CUDA C++ compiled at run time, so it runs only on a Hopper-or-newer GPU (`gpu` tests):
+head sizes 64/128, GQA groups 1-8, 1, 2, 4 and 8 splits, block sizes (1, odd, 16, 128),
+contexts from 1 token (only the new one) to 4096, batches up to 256, padding rows and rows
+that must not be stored, a softmax sharp enough that one misplaced row shows, a CUDA
+graph, the PDL contract, and the backend's dispatch. On CPU the support check must turn
+CPU tensors away.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from paged_backend.kernels.batch_decode import (  # noqa: E402
+    batch_decode, batch_decode_supported, choose_splits)
+from paged_backend.kernels.decode_attention import DecodeNewKV  # noqa: E402
+
+from test_kernels_decode import GPU_TOL, check_decode_new_kv, make_case  # noqa: E402
+from test_kernels_stream_decode import _qwen_like_case  # noqa: E402
+from test_kernels_stream_gemv import needs_hopper  # noqa: E402
+
+
+def _attend_with(splits, **kw):
+    def attend(q, cache, block_tables, seq_lens, scale, new_kv):
+        assert batch_decode_supported(q, cache, new_kv, block_tables, seq_lens, splits)
+        return batch_decode(q, cache, block_tables, seq_lens, scale, new_kv, splits=splits, **kw)
+    return attend
+
+
+def test_choose_splits():
+    """More programs per (sequence, KV head) for small batches, one for large ones."""
+    assert choose_splits(1, 8) == 8
+    assert choose_splits(8, 8) == 4
+    assert choose_splits(16, 8) == 2
+    assert choose_splits(64, 8) == 2
+    assert choose_splits(128, 8) == 1
+    assert choose_splits(256, 2) == 2
+
+
+def test_batch_decode_rejects_cpu_tensors():
+    q, kv_cache, block_tables, seq_lens = make_case([5], 2, 2, 64, 4, torch.float16)
+    k = torch.zeros(1, 2, 64, dtype=torch.float16)
+    nk = DecodeNewKV(k, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                     torch.ones(32))
+    assert not batch_decode_supported(q, kv_cache, nk, block_tables, seq_lens)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lens", [[1], [2], [17], [384], [4095], [300, 1, 0, 2048], [33, 4096]])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("splits", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batch_decode_gpu(dtype, splits, head_dim, group, block_size, lens):
+    num_kv_heads = 2 if group == 8 else 4
+    check_decode_new_kv(lens, num_kv_heads, group, head_dim, block_size, dtype, splits=[None],
+                        atol=GPU_TOL[dtype], normed=splits != 2, device="cuda",
+                        theta=500000.0, seed=head_dim + group + len(lens),
+                        attend=_attend_with(splits))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("early", [False, True])
+def test_batch_decode_gpu_odd_block_size_and_unstored_rows(splits, early):
+    """Block size 6 (tokens straddle blocks unevenly); a live row with slot -1 reads its
+    new token from the cache without storing it; a padding row's valid slot is not stored."""
+    check_decode_new_kv([23, 200, 0, 1], 2, 2, 128, 6, torch.bfloat16, splits=[None],
+                        atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda",
+                        slot_overrides={1: -1, 2: 5}, attend=_attend_with(splits,
+                                                                          trigger_early=early))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batch_decode_gpu_sharp_softmax(dtype, splits, head_dim, group, block_size):
+    """A softmax scale 16x the usual makes attention nearly an argmax, so one stale,
+    misplaced or mis-swizzled row of any chunk shows as an O(1) error (the tolerance only
+    allows for outputs that are single V rows of magnitude ~3, rounded). Lengths end
+    chunks and splits at every offset, and stream many chunks through each warp's ring."""
+    num_kv_heads = 2 if group == 4 else 4
+    for lens in ([520, 17, 16, 15], [1000, 33], [1032, 2, 64, 65], [4095, 2048, 1000, 4096]):
+        check_decode_new_kv(lens, num_kv_heads, group, head_dim, block_size, dtype,
+                            splits=[None], atol=4 * GPU_TOL[dtype], normed=True,
+                            device="cuda", theta=500000.0, seed=len(lens) + block_size,
+                            attend=_attend_with(splits), scale=16 * head_dim ** -0.5)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("group", [3, 5, 6, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_batch_decode_gpu_odd_groups(head_dim, group):
+    """GQA groups that are not powers of two (Llama-3.2-3B: 3, Qwen2.5-1.5B: 6, -7B: 7)."""
+    check_decode_new_kv([1, 300, 1032, 4095], 2, group, head_dim, 16, torch.bfloat16,
+                        splits=[None], atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda",
+                        seed=group, attend=_attend_with(2))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("batch", [5, 64, 256])
+def test_batch_decode_gpu_large_batches_default_splits(batch):
+    """Engine-sized batches (random lengths up to 2048, some padding rows) with the default
+    split count, against the Triton kernel with `new_kv`."""
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, 2049, (batch,), generator=gen).tolist()
+    lens[batch // 2] = 0
+    check_decode_new_kv(lens, 8, 2, 128, 16, torch.bfloat16, splits=[None],
+                        atol=GPU_TOL[torch.bfloat16], normed=True, device="cuda", seed=batch,
+                        attend=_attend_with(None))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_batch_decode_gpu_without_pdl_into_out(monkeypatch):
+    """PDL off (no griddepcontrol), the result written into a given `out`, only q normed."""
+    from paged_backend.kernels import pdl
+
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    pdl._device_supports_pdl.cache_clear()
+    try:
+        assert not pdl.pdl_enabled(torch.zeros(1, device="cuda"))
+
+        def attend_out(q, cache, block_tables, seq_lens, scale, new_kv):
+            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+            got = batch_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
+            assert got is out
+            return got
+
+        check_decode_new_kv([33, 700, 5, 90], 4, 2, 128, 16, torch.bfloat16, splits=[None],
+                            atol=GPU_TOL[torch.bfloat16], normed="q", device="cuda",
+                            attend=attend_out)
+    finally:
+        monkeypatch.delenv(pdl.PDL_ENV)
+        pdl._device_supports_pdl.cache_clear()
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_batch_decode_supported_rejects():
+    """What the kernel does not take: head_dim 256, 16 query heads per KV head, float32,
+    int32 positions, a cache without a V half, a split count that is not 1, 2, 4 or 8."""
+    from dataclasses import replace
+
+    qkv, q, kv_cache, bt, sl, nk = _qwen_like_case([10] * 6)
+    assert batch_decode_supported(q, kv_cache, nk, bt, sl)
+    assert not batch_decode_supported(q, kv_cache, replace(nk, positions=nk.positions.int()),
+                                      bt, sl)
+    assert not batch_decode_supported(q, kv_cache[:1], nk, bt, sl)
+    assert not batch_decode_supported(q.float(), kv_cache.float(), replace(
+        nk, k=nk.k.float(), v=nk.v.float(), q_norm_weight=None, k_norm_weight=None), bt, sl)
+    q16 = torch.zeros(6, 128, 128, dtype=q.dtype, device="cuda")
+    assert not batch_decode_supported(q16, kv_cache, nk, bt, sl)
+    with pytest.raises(ValueError, match="splits"):
+        batch_decode(q, kv_cache, bt, sl, 0.1, nk, splits=3)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("early", [False, True], ids=["trigger_after_wait", "trigger_early"])
+def test_batch_decode_waits_for_the_kernel_before_it(early):
+    """PDL contract: a predecessor that lets the kernel launch at once and writes q, k, v
+    late must still be seen complete (only the cached context loads before the wait)."""
+    import triton
+    import triton.language as tl
+
+    from paged_backend.kernels.decode_attention import decode_attention
+
+    @triton.jit
+    def slow_writer(dst, src, n, spin, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(spin):
+            acc = acc * 0.5 + 1.0
+        one = acc * 0.5
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(src + offs, mask=offs < n)
+        tl.store(dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n)
+
+    lens = [300, 40, 1200, 7, 513, 64, 65, 2]
+    qkv_true, _, kv_cache, block_tables, seq_lens, nk_true = _qwen_like_case(lens)
+    cache_ref = kv_cache.clone()
+    b = len(lens)
+    q_t, _, _ = qkv_true.view(b, -1, 128).split([16, 8, 8], dim=1)
+    expected = decode_attention(q_t, cache_ref, block_tables, seq_lens, 128 ** -0.5,
+                                new_kv=nk_true)
+    for _ in range(3):
+        qkv = torch.zeros_like(qkv_true)
+        q, k, v = qkv.view(b, -1, 128).split([16, 8, 8], dim=1)
+        nk = DecodeNewKV(k, v, *[getattr(nk_true, f) for f in (
+            "positions", "slot_mapping", "inv_freq", "q_norm_weight", "k_norm_weight", "eps")])
+        cache = kv_cache.clone()
+        n = qkv.numel()
+        slow_writer[(1,)](qkv, qkv_true, n, 20000, BLOCK=triton.next_power_of_2(n))
+        out = batch_decode(q, cache, block_tables, seq_lens, 128 ** -0.5, nk,
+                           trigger_early=early)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, cache_ref, rtol=1e-2, atol=2e-2, equal_nan=True)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("splits", [1, 2])
+def test_batch_decode_in_a_cuda_graph(splits):
+    """Captured once, replayed with new lengths, positions and slots: the grid and shared
+    memory do not depend on the context length."""
+    from paged_backend.kernels.decode_attention import decode_attention
+
+    first = [4000, 7, 1500, 33, 40, 16]  # the blocks each row may use below
+    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case(first)
+    scale = 128 ** -0.5
+    n = len(first)
+    static_lens = torch.full((n,), 5, dtype=torch.int32, device="cuda")
+    static_pos = torch.zeros(n, dtype=torch.long, device="cuda")
+    static_slots = torch.full((n,), -1, dtype=torch.long, device="cuda")
+    gnk = DecodeNewKV(nk.k, nk.v, static_pos, static_slots, nk.inv_freq, nk.q_norm_weight,
+                      nk.k_norm_weight, nk.eps)
+    cache = kv_cache.clone()
+    batch_decode(q, cache, block_tables, static_lens, scale, gnk, splits=splits)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = batch_decode(q, cache, block_tables, static_lens, scale, gnk, splits=splits,
+                           trigger_early=True)
+    for lens in (first, [1, 2, 3, 4, 5, 6], [0, 6, 64, 0, 17, 1], [2500, 7, 1, 30, 0, 9]):
+        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        pos = (lens_t.long() - 1).clamp(min=0)
+        slots = torch.tensor([int(block_tables[b, (m - 1) // 16]) * 16 + (m - 1) % 16 if m else -1
+                              for b, m in enumerate(lens)], device="cuda")
+        cache.copy_(kv_cache)
+        static_lens.copy_(lens_t)
+        static_pos.copy_(pos)
+        static_slots.copy_(slots)
+        graph.replay()
+        ref_cache = kv_cache.clone()
+        ref = decode_attention(q, ref_cache, block_tables, lens_t, scale, new_kv=DecodeNewKV(
+            nk.k, nk.v, pos, slots, nk.inv_freq, nk.q_norm_weight, nk.k_norm_weight, nk.eps))
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
