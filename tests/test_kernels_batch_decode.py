@@ -256,3 +256,46 @@ def test_batch_decode_in_a_cuda_graph(splits):
             nk.k, nk.v, pos, slots, nk.inv_freq, nk.q_norm_weight, nk.k_norm_weight, nk.eps))
         torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
         torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_backend_dispatch(monkeypatch):
+    """The Triton backend's pure-decode path runs batch_decode for more sequences than
+    stream_decode takes, passing the caller's `trigger_early`, and the Triton kernels with
+    the switch off, with the same results."""
+    import paged_backend.layers.triton_attention as ta
+    from paged_backend.kernels.stream_decode import STREAM_DECODE_MAX_BATCH
+    from paged_backend.kernels.stream_gemv import STREAM_GEMV_ENV
+    from paged_backend.layers.attention import AttentionMetadata
+
+    calls = []
+    backend = ta.TritonAttentionBackend()
+    real = backend._batch_decode
+    backend._batch_decode = lambda *a, **k: calls.append((a[0].shape[0],
+                                                          k.get("trigger_early"))) or real(*a, **k)
+
+    def run(lens, **kw):
+        qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
+        n = len(lens)
+        meta = AttentionMetadata(
+            num_tokens=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32, device="cuda"),
+            seq_lens=sl, slot_mapping=nk.slot_mapping, block_tables=bt, max_query_len=1,
+            max_seq_len=max(lens), block_size=16,
+            query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=list(lens))
+        cache = kv_cache.clone()
+        out = backend.decode_with_new_kv(q, nk, cache, meta, 128 ** -0.5, **kw)
+        ref_cache = kv_cache.clone()
+        ref = backend._decode(q, ref_cache, bt, sl, 128 ** -0.5, new_kv=nk)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+
+    run([100] * STREAM_DECODE_MAX_BATCH)  # stream_decode's
+    assert calls == []
+    run([100, 7, 300, 64, 1000] * 13, trigger_early=True)
+    assert calls == [(65, True)]
+    run([100] * (STREAM_DECODE_MAX_BATCH + 1))
+    assert calls == [(65, True), (STREAM_DECODE_MAX_BATCH + 1, False)]
+    monkeypatch.setenv(STREAM_GEMV_ENV, "0")
+    run([100] * 8, trigger_early=True)
+    assert len(calls) == 2

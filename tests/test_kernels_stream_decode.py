@@ -316,8 +316,8 @@ def test_stream_decode_in_a_cuda_graph():
 @needs_hopper
 def test_backend_dispatch(monkeypatch):
     """The Triton backend's pure-decode path runs stream_decode for at most
-    STREAM_DECODE_MAX_BATCH sequences, the Triton kernels for more or with the switch off,
-    with the same results."""
+    STREAM_DECODE_MAX_BATCH sequences, another kernel for more (batch_decode: its own
+    dispatch test) or with the switch off (the Triton kernels), with the same results."""
     import paged_backend.layers.triton_attention as ta
     from paged_backend.layers.attention import AttentionMetadata
 
