@@ -2,8 +2,10 @@
 
 `batch_decode` computes what `decode_attention(..., new_kv=DecodeNewKV(...))`
 computes (kernels/decode_attention.py: normalize and rotate q and the new k,
-store the new k and v at the token's slot, attend over the whole context)
-with the same rounding points up to float32 summation order. It exists for
+store the new k and v at the token's slot, attend over the whole context);
+results differ by float32 summation order and by where P is rounded (per warp
+and 16-token chunk here, per split and 64-token tile there; the new token's
+weight is not rounded here). It exists for
 the bandwidth of decode steps of many sequences (bench-64's 16-64), where the
 Triton split kernel reads the cache at ~2.2 TB/s: its K/V gathers land in
 registers one tile at a time, so a program's loads stop while it computes.
@@ -30,16 +32,18 @@ it (the last split) rotates k, stores k and v at the slot after the PDL wait,
 and adds the token as one more partial (max = its score, sum = 1, acc = v)
 when it merges its warps. So the first STAGES chunks of every warp are issued
 before `griddepcontrol.wait`, as in `stream_decode`, and the same PDL
-precondition holds (kernels/pdl.py): the block table, seq_lens, slots and the
-cached context are read before the wait. A row whose slot is negative stores
+precondition holds (kernels/pdl.py): the block table, seq_lens, positions,
+slots, the cached context and the rotary and norm constants are read before
+the wait. A row whose slot is negative stores
 nothing and reads all `seq_len` positions from the cache, as the Triton kernel
 does; a row with `seq_len == 0` gets zeros.
 
 Limits, checked by `batch_decode_supported` (callers keep the Triton path):
 those of `stream_decode_supported` (bf16/fp16, head_dim 64 or 128, at most 8
-query heads per KV head, the cache, index and norm-weight layouts), any batch
-size, a compute-capability-9+ GPU where the kernel compiles (and its cluster
-fits), and PAGED_BACKEND_STREAM_GEMV not "0".
+query heads per KV head, the cache, index and norm-weight layouts), up to
+65,535 sequences (the grid's z), a compute-capability-9+ GPU where the kernel
+compiles with the chosen splits, warps and ring depth, whose shared memory
+fits and whose cluster can launch, and PAGED_BACKEND_STREAM_GEMV not "0".
 """
 
 from __future__ import annotations
@@ -169,7 +173,8 @@ batch_decode(const u16* q, long long s_qb, long long s_qh,
   const long long head_off = (long long)kvh * s_head;
 
   // Chunk i of this warp into ring slot i % STAGES: a lane finds row (lane % 16)'s cache
-  // offset, then 32 lanes copy two rows an instruction (16-byte pieces, swizzled).
+  // offset, then 32 lanes copy 512 bytes (two or four rows) an instruction (16-byte
+  // pieces, swizzled).
   auto load_chunk = [&](int i) {
     if (i < nmine) {
       const int t0 = (cbeg + warp + i * NWARPS) * CH;
@@ -320,13 +325,15 @@ batch_decode(const u16* q, long long s_qb, long long s_qh,
     for (int n = 0; n < DTILES; ++n)
       *(float2*)&wacc[(warp * GROUP + g) * HEAD_DIM + n * 8 + 2 * t4] = make_float2(acc[n][0], acc[n][1]);
   }
-  // The new token's partial: its score (a warp a head), sum 1, acc = v.
+  // The new token's partial (its owner's): its score (a warp a head), sum 1, acc = v.
   for (int h = warp; h < GROUP; h += NWARPS) {
     float s = 0.f;
+    if (owner) {
 #pragma unroll
-    for (int e = 0; e < EPL; ++e)
-      s += to_f<IS_BF16>(sm.q[h][lane * EPL + e]) * to_f<IS_BF16>(sm.knew[lane * EPL + e]);
-    s = warp_sum(s);
+      for (int e = 0; e < EPL; ++e)
+        s += to_f<IS_BF16>(sm.q[h][lane * EPL + e]) * to_f<IS_BF16>(sm.knew[lane * EPL + e]);
+      s = warp_sum(s);
+    }
     if (lane == 0) {
       sm.wm[NWARPS][h] = owner ? s * scale_log2 : NEG_INF;
       sm.wl[NWARPS][h] = owner ? 1.f : 0.f;
@@ -425,20 +432,23 @@ def _module_name(head_dim: int, group: int, dtype: torch.dtype, splits: int,
 
 
 @functools.cache
-def _launchable(index: int, head_dim: int, group: int, dtype: torch.dtype, splits: int) -> bool:
-    """The kernel compiles on the device and (with splits) one cluster of it fits there."""
-    src, name = _source(head_dim, group, dtype, splits), _module_name(head_dim, group, dtype, splits)
-    if not cuda_rtc.compiles(src, name, index):
-        return False
-    smem = _smem_bytes(head_dim, group, splits)
+def _launchable(index: int, head_dim: int, group: int, dtype: torch.dtype, splits: int,
+                nwarps: int = NWARPS, stages: int = STAGES) -> bool:
+    """The kernel compiles on the device, its shared memory fits, and (with splits) one
+    cluster of it can launch there."""
+    src = _source(head_dim, group, dtype, splits, nwarps, stages)
+    name = _module_name(head_dim, group, dtype, splits, nwarps, stages)
+    smem = _smem_bytes(head_dim, group, splits, nwarps, stages)
     if smem > getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0):
+        return False
+    if not cuda_rtc.compiles(src, name, index):
         return False
     if splits == 1:
         return True
     kernel = cuda_rtc.compile_module(src, name, torch.device("cuda", index)).kernel(
         "batch_decode", carveout=100)
     try:
-        n = cuda_rtc.max_active_clusters(kernel, (splits, 1, 1), NWARPS * 32, smem)
+        n = cuda_rtc.max_active_clusters(kernel, (splits, 1, 1), nwarps * 32, smem)
     except RuntimeError as e:
         logger.warning("batch_decode cannot launch its clusters on cuda:%d: %s", index, e)
         return False
@@ -461,15 +471,19 @@ def choose_splits(batch: int, num_kv_heads: int) -> int:
 
 def batch_decode_supported(q: torch.Tensor, kv_cache: torch.Tensor, new_kv: DecodeNewKV,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           splits: Optional[int] = None) -> bool:
-    """Whether `batch_decode` takes this decode step (see the module docstring's limits)."""
+                           splits: Optional[int] = None, nwarps: int = NWARPS,
+                           stages: int = STAGES) -> bool:
+    """Whether `batch_decode` takes this decode step with these splits (default
+    `choose_splits`), warps and ring depth (see the module docstring's limits)."""
     if not layout_supported(q, kv_cache, new_kv, block_tables, seq_lens):
+        return False
+    if q.shape[0] > 65535 or not (1 <= nwarps <= 16 and stages >= 1):
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     hkv = kv_cache.shape[3]
     if splits is None:
         splits = choose_splits(q.shape[0], hkv)
-    return _launchable(index, q.shape[2], q.shape[1] // hkv, q.dtype, splits)
+    return _launchable(index, q.shape[2], q.shape[1] // hkv, q.dtype, splits, nwarps, stages)
 
 
 def batch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -485,7 +499,8 @@ def batch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     `nwarps` and `stages` are tuning knobs (warps a program, ring slots a warp)."""
     if splits is not None and splits not in (1, 2, 4, 8):
         raise ValueError(f"splits must be 1, 2, 4 or 8, got {splits}")
-    if not batch_decode_supported(q, kv_cache, new_kv, block_tables, seq_lens, splits):
+    if not batch_decode_supported(q, kv_cache, new_kv, block_tables, seq_lens, splits, nwarps,
+                                  stages):
         raise ValueError("batch_decode does not take this call (see batch_decode_supported)")
     batch, hq, d = q.shape
     hkv = kv_cache.shape[3]

@@ -32,7 +32,8 @@ from test_kernels_stream_gemv import needs_hopper  # noqa: E402
 
 def _attend_with(splits, **kw):
     def attend(q, cache, block_tables, seq_lens, scale, new_kv):
-        assert batch_decode_supported(q, cache, new_kv, block_tables, seq_lens, splits)
+        assert batch_decode_supported(q, cache, new_kv, block_tables, seq_lens, splits,
+                                      **{k: v for k, v in kw.items() if k != "trigger_early"})
         return batch_decode(q, cache, block_tables, seq_lens, scale, new_kv, splits=splits, **kw)
     return attend
 
@@ -73,7 +74,7 @@ def test_batch_decode_gpu(dtype, splits, head_dim, group, block_size, lens):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("splits", [1, 2, 4, 8])
 @pytest.mark.parametrize("early", [False, True])
 def test_batch_decode_gpu_odd_block_size_and_unstored_rows(splits, early):
     """Block size 6 (tokens straddle blocks unevenly); a live row with slot -1 reads its
@@ -299,3 +300,93 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")
     run([100] * 8, trigger_early=True)
     assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("nwarps,stages", [(1, 1), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1),
+                                           (8, 1), (8, 2)])
+def test_batch_decode_gpu_warps_and_ring_depths(nwarps, stages):
+    """The tuning knobs change the ring accounting and how many warps share a sequence's
+    chunks (and the accumulators' reuse of the rings); settings that fit must agree with
+    the oracle (8 warps x 4 slots does not fit: the next test)."""
+    check_decode_new_kv([1000, 33, 0, 4095, 17], 2, 4, 128, 16, torch.bfloat16,
+                        splits=[None], atol=GPU_TOL[torch.bfloat16], normed=True,
+                        device="cuda", seed=nwarps * 10 + stages,
+                        attend=_attend_with(2, nwarps=nwarps, stages=stages))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_batch_decode_rejects_settings_that_do_not_fit():
+    """A ring too big for shared memory (8 warps x 4 slots, head_dim 128, 8 query heads per
+    KV head) is refused by the support check, and the call raises a ValueError."""
+    _, kv_cache, bt, sl = make_case([40, 9], 2, 8, 128, 16, torch.bfloat16, "cuda", 0)
+    q = torch.randn(2, 16, 128, device="cuda").to(torch.bfloat16)
+    kn = torch.randn(2, 2, 128, device="cuda").to(torch.bfloat16)
+    nk = DecodeNewKV(kn, kn, (sl.long() - 1), torch.full((2,), -1, device="cuda"),
+                     torch.ones(64, device="cuda"))
+    assert batch_decode_supported(q, kv_cache, nk, bt, sl, 2)
+    assert not batch_decode_supported(q, kv_cache, nk, bt, sl, 2, nwarps=8, stages=4)
+    assert not batch_decode_supported(q, kv_cache, nk, bt, sl, 2, nwarps=0)
+    with pytest.raises(ValueError, match="batch_decode"):
+        batch_decode(q, kv_cache, bt, sl, 0.1, nk, splits=2, nwarps=8, stages=4)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_batch_decode_gpu_strided_cache_and_block_table():
+    """A cache whose KV heads are every other head of a wider tensor (head stride 2 D) and
+    a block table that is a slice of wider rows give bit-for-bit the contiguous result."""
+    lens = [300, 1, 77, 1500, 0, 16]
+    qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=4)
+    scale = 128 ** -0.5
+    cache_c = kv_cache.clone()
+    out_c = batch_decode(q, cache_c, bt, sl, scale, nk)
+    two, nblk, bs, hkv, d = kv_cache.shape
+    wide = torch.zeros(two, nblk, bs, 2 * hkv, d, dtype=kv_cache.dtype, device="cuda")
+    cache_s = wide[:, :, :, ::2]
+    cache_s.copy_(kv_cache)
+    bt_wide = torch.full((bt.shape[0], bt.shape[1] + 8), -7, dtype=torch.int32, device="cuda")
+    bt_s = bt_wide[:, :bt.shape[1]]
+    bt_s.copy_(bt)
+    assert cache_s.stride(3) == 2 * d and bt_s.stride(0) == bt.shape[1] + 8
+    assert batch_decode_supported(q, cache_s, nk, bt_s, sl)
+    out_s = batch_decode(q, cache_s, bt_s, sl, scale, nk)
+    assert torch.equal(out_s, out_c)
+    # (unused cache rows hold NaN: equal_nan)
+    torch.testing.assert_close(cache_s, cache_c, rtol=0, atol=0, equal_nan=True)
+    assert (wide[:, :, :, 1::2] == 0).all()  # the heads in between are not written
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_batch_decode_gpu_cache_past_two_billion_elements():
+    """Blocks at the top of a cache of more than 2**31 elements (4.6 GB in bf16): offsets
+    are 64-bit. The result must equal, bit for bit, that over a compact copy of the same
+    blocks."""
+    hkv, d, bs = 8, 128, 16
+    nblk = 70_000
+    assert 2 * nblk * bs * hkv * d > 2 ** 31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2 ** 30:
+        pytest.skip("needs ~12 GB of free GPU memory")
+    lens = [900, 37, 2048]
+    qkv, q, small, bt, sl, nk = _qwen_like_case(lens, seed=6)
+    big = torch.empty(2, nblk, bs, hkv, d, dtype=small.dtype, device="cuda")
+    used = torch.unique(bt.long())
+    top = nblk - 1 - torch.arange(used.numel(), device="cuda")  # the last blocks
+    big[:, top] = small[:, used]
+    remap = torch.full((small.shape[1],), -1, dtype=torch.long, device="cuda")
+    remap[used] = top
+    bt_big = remap[bt.long()].int()
+    slots_big = (remap[nk.slot_mapping // bs] * bs + nk.slot_mapping % bs)
+    nk_big = DecodeNewKV(nk.k, nk.v, nk.positions, slots_big, nk.inv_freq, nk.q_norm_weight,
+                         nk.k_norm_weight, nk.eps)
+    scale = 128 ** -0.5
+    out_small = batch_decode(q, small, bt, sl, scale, nk)
+    out_big = batch_decode(q, big, bt_big, sl, scale, nk_big)
+    assert torch.equal(out_big, out_small)
+    # the new tokens stored alike (unused rows hold NaN: equal_nan)
+    torch.testing.assert_close(big[:, top], small[:, used], rtol=0, atol=0, equal_nan=True)
+    del big
