@@ -458,13 +458,14 @@ def _launchable(index: int, head_dim: int, group: int, dtype: torch.dtype, split
 def choose_splits(batch: int, num_kv_heads: int) -> int:
     """Programs per (sequence, KV head) for `batch * num_kv_heads` (sequence, KV head) pairs.
 
-    On the H100 (benchmarks/decode_attention.py --new-kv, lengths U[150, 1800], Hkv 8):
-    2 splits were fastest or within 1% of it at batch 16, 32 and 64; 8 splits lose
-    everywhere there (their clusters wait for SMs)."""
+    On the H100 (benchmarks/decode_attention.py --new-kv, Hkv 8, BENCHMARKS.md): 2 splits
+    were fastest or within 1% of it at batch 16, 32 and 64 (lengths U[150, 1800]) and
+    beat 4 at batch 8 and 12 (U[1000, 2000]); 4 or 8 at batch 5. Clusters of 8 lose from
+    batch 8 up (they wait for SMs), and in the engine 4 splits lost at bench-64."""
     pairs = batch * num_kv_heads
     if pairs >= 1024:
         return 1
-    if pairs >= 128:
+    if pairs >= 64:
         return 2
     return 4 if pairs >= 32 else 8
 

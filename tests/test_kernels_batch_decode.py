@@ -41,7 +41,8 @@ def _attend_with(splits, **kw):
 def test_choose_splits():
     """More programs per (sequence, KV head) for small batches, one for large ones."""
     assert choose_splits(1, 8) == 8
-    assert choose_splits(8, 8) == 4
+    assert choose_splits(5, 8) == 4
+    assert choose_splits(8, 8) == 2
     assert choose_splits(16, 8) == 2
     assert choose_splits(64, 8) == 2
     assert choose_splits(128, 8) == 1
