@@ -48,7 +48,6 @@ fits and whose cluster can launch, and PAGED_BACKEND_STREAM_GEMV not "0".
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 from typing import Optional
@@ -58,7 +57,7 @@ import torch
 from . import cuda_rtc
 from .decode_attention import DecodeNewKV
 from .pdl import pdl_enabled
-from .stream_decode import ATTENTION_HELPERS, layout_supported
+from .stream_decode import ATTENTION_HELPERS, kernel_args, layout_supported
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ NWARPS = 4
 STAGES = 3  # chunks in a warp's ring; STAGES - 1 stay in flight while it computes one
 CHUNK = 16  # tokens a warp takes at a time (the N of the score MMA, the K of P @ V)
 MAX_SPLITS = 8  # the portable cluster size
-_LOG2E = 1.4426950408889634
 
 _BODY = r"""
 #define NT (NWARPS * 32)
@@ -76,7 +74,6 @@ _BODY = r"""
 #define KSTEPS (HEAD_DIM / 16)     // k steps of the score MMA
 #define DTILES (HEAD_DIM / 8)      // n tiles of P @ V
 #define EPL (HEAD_DIM / 32)
-#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)
 #define NPART (NWARPS + 1)         // the warps' partials and the new token's
 
 struct Smem {
@@ -135,15 +132,7 @@ extern "C" __global__ void
 __cluster_dims__(SPLITS, 1, 1)
 #endif
 __launch_bounds__(NT)
-batch_decode(const u16* q, long long s_qb, long long s_qh,
-             const u16* kn, long long s_knb, long long s_knh,
-             const u16* vn, long long s_vnb, long long s_vnh,
-             u16* kc, u16* vc, long long s_blk, long long s_slot, long long s_head,
-             const int* __restrict__ bt, long long s_btb, const int* __restrict__ seq_lens,
-             const long long* pos, const long long* slots,
-             const float* __restrict__ inv_freq, const u16* __restrict__ qw,
-             const u16* __restrict__ kw, float eps, float scale_log2, u16* out,
-             int block_size, int flags) {
+batch_decode(ATTENTION_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -202,41 +191,23 @@ batch_decode(const u16* q, long long s_qb, long long s_qh,
   for (int i = 0; i < STAGES; ++i) load_chunk(i);
 
   float cs[EPL], sn[EPL], qnw[EPL], knw[EPL];
-  {
-    const float fpos = L > 0 ? (float)pos[b] : 0.f;
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) {
-      const int dd = lane * EPL + e;
-      const float f = fpos * inv_freq[dd % (HEAD_DIM / 2)];
-      cs[e] = cosf(f);
-      sn[e] = sinf(f);
-      qnw[e] = (flags & F_QNORM) ? to_f<IS_BF16>(qw[dd]) : 1.f;
-      knw[e] = (flags & F_KNORM) ? to_f<IS_BF16>(kw[dd]) : 1.f;
-    }
-  }
+  rotary_setup(L > 0 ? (float)pos[b] : 0.f, inv_freq, qw, kw, flags, lane, cs, sn, qnw, knw);
 
-  if (flags & F_PDL) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
+  pdl_wait(flags);
 
   // Rotary: a warp a query head; the owner's last warp also k, stored with v at the slot.
   for (int h = warp; h < GROUP; h += NWARPS) {
-    const u16* src = q + (long long)b * s_qb + (long long)(kvh * GROUP + h) * s_qh + lane * EPL;
     float x[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(src[e]);
-    norm_rotate(x, flags & F_QNORM, qnw, eps, cs, sn, lane);
+    load_norm_rotate(q + (long long)b * s_qb + (long long)(kvh * GROUP + h) * s_qh, x,
+                     flags & F_QNORM, qnw, eps, cs, sn, lane);
 #pragma unroll
     for (int e = 0; e < EPL; ++e) sm.q[h][lane * EPL + e] = from_f<IS_BF16>(x[e]);
   }
   if (owner && warp == NWARPS - 1) {
-    const u16* ksrc = kn + (long long)b * s_knb + (long long)kvh * s_knh + lane * EPL;
     const u16* vsrc = vn + (long long)b * s_vnb + (long long)kvh * s_vnh + lane * EPL;
     float x[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(ksrc[e]);
-    norm_rotate(x, flags & F_KNORM, knw, eps, cs, sn, lane);
+    load_norm_rotate(kn + (long long)b * s_knb + (long long)kvh * s_knh, x, flags & F_KNORM,
+                     knw, eps, cs, sn, lane);
     const long long slot = slots[b];
     const long long off = (slot / block_size) * s_blk + (slot % block_size) * s_slot +
                           head_off + lane * EPL;
@@ -381,26 +352,9 @@ batch_decode(const u16* q, long long s_qb, long long s_qh,
 #if SPLITS > 1
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
                "barrier.cluster.wait.acquire.aligned;" ::: "memory");
-  for (int t = tid; t < SLICE; t += NT) {
-    const int idx = split * SLICE + t;
-    if (idx < GROUP * HEAD_DIM) {
-      const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
-      float mx = NEG_INF;
-#pragma unroll
-      for (int r = 0; r < SPLITS; ++r) mx = fmaxf(mx, sm.part_m[r][h]);
-      float tot = 0.f, o = 0.f;
-      if (mx != NEG_INF) {
-#pragma unroll
-        for (int r = 0; r < SPLITS; ++r) {
-          const float wgt = exp2f(sm.part_m[r][h] - mx);  // empty splits: 0
-          tot += wgt * sm.part_l[r][h];
-          o += wgt * sm.part_acc[r][t];
-        }
-      }
-      out[((long long)b * (gridDim.y * GROUP) + kvh * GROUP + h) * HEAD_DIM + d] =
-          from_f<IS_BF16>(tot > 0.f ? o / tot : 0.f);
-    }
-  }
+  for (int t = tid; t < SLICE; t += NT)
+    store_merged(t, split, &sm.part_m[0][0], &sm.part_l[0][0], &sm.part_acc[0][0], out,
+                 (long long)b * (gridDim.y * GROUP) + kvh * GROUP);
 #endif
 }
 """
@@ -508,35 +462,17 @@ def batch_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     group = hq // hkv
     if splits is None:
         splits = choose_splits(batch, hkv)
-    nk = new_kv
     if out is None:
         out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
     else:
         assert out.shape == (batch, hq, d) and out.is_contiguous() and out.dtype == q.dtype
     pdl = pdl_enabled(q)
-    flags = ((1 if nk.q_norm_weight is not None else 0) | (2 if nk.k_norm_weight is not None else 0)
-             | (4 if pdl else 0) | (8 if pdl and trigger_early else 0))
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
     mod = cuda_rtc.compile_module(_source(d, group, q.dtype, splits, nwarps, stages),
                                   _module_name(d, group, q.dtype, splits, nwarps, stages),
                                   q.device)
     kernel = mod.kernel("batch_decode", carveout=100)
-    null = ctypes.c_void_p(0)
-    ll, ptr = ctypes.c_longlong, ctypes.c_void_p
-
-    def p(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
-        return ptr(t.data_ptr()) if t is not None else null
-
-    args = [p(q), ll(q.stride(0)), ll(q.stride(1)),
-            p(nk.k), ll(nk.k.stride(0)), ll(nk.k.stride(1)),
-            p(nk.v), ll(nk.v.stride(0)), ll(nk.v.stride(1)),
-            p(k_cache), p(v_cache), ll(k_cache.stride(0)), ll(k_cache.stride(1)),
-            ll(k_cache.stride(2)),
-            p(block_tables), ll(block_tables.stride(0)), p(seq_lens),
-            p(nk.positions), p(nk.slot_mapping), p(nk.inv_freq), p(nk.q_norm_weight),
-            p(nk.k_norm_weight),
-            ctypes.c_float(nk.eps), ctypes.c_float(float(scale) * _LOG2E), p(out),
-            ctypes.c_int(kv_cache.shape[2]), ctypes.c_int(flags)]
+    args = kernel_args(q, kv_cache, block_tables, seq_lens, scale, new_kv, out, pdl,
+                       trigger_early)
     cuda_rtc.launch(kernel, (splits, hkv, batch), nwarps * 32,
                     _smem_bytes(d, group, splits, nwarps, stages), args, pdl)
     return out

@@ -80,7 +80,7 @@ _LOG2E = 1.4426950408889634
 
 # Device code both CUDA attention kernels use (after DEVICE_HELPERS and the HEAD_DIM and
 # IS_BF16 defines): flag bits, a warp max, a store to a cluster peer's shared memory,
-# and the RMSNorm + rotary of one head.
+# and the rotary constants and RMSNorm + rotary of one head.
 ATTENTION_HELPERS = r"""
 #define EPL (HEAD_DIM / 32)       // values per lane in the rotary pass
 #define F_QNORM 1
@@ -88,6 +88,25 @@ ATTENTION_HELPERS = r"""
 #define F_PDL 4
 #define F_EARLY 8
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
+
+// With F_PDL: wait for the kernels before this one, then let the next one launch (unless
+// F_EARLY let it launch at the start already).
+__device__ __forceinline__ void pdl_wait(int flags) {
+  if (flags & F_PDL) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+}
+
+// The parameters of both kernels, in the order of `kernel_args`.
+#define ATTENTION_PARAMS                                                                  \
+  const u16* q, long long s_qb, long long s_qh, const u16* kn, long long s_knb,           \
+      long long s_knh, const u16* vn, long long s_vnb, long long s_vnh, u16* kc, u16* vc,   \
+      long long s_blk, long long s_slot, long long s_head, const int* __restrict__ bt,      \
+      long long s_btb, const int* __restrict__ seq_lens, const long long* pos,             \
+      const long long* slots, const float* __restrict__ inv_freq,                          \
+      const u16* __restrict__ qw, const u16* __restrict__ kw, float eps, float scale_log2, \
+      u16* out, int block_size, int flags
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -123,6 +142,59 @@ __device__ __forceinline__ void norm_rotate(float* x, bool norm, const float* nw
   for (int e = 0; e < EPL; ++e) x[e] = x[e] * cs[e] + xp[e] * (first ? -sn[e] : sn[e]);
 }
 
+// This lane's rotary cos / sin (EPL dimensions) at position `fpos`, and its q / k norm
+// weights (1 where that norm is off).
+__device__ __forceinline__ void rotary_setup(float fpos, const float* __restrict__ inv_freq,
+                                             const u16* __restrict__ qw,
+                                             const u16* __restrict__ kw, int flags, int lane,
+                                             float* cs, float* sn, float* qnw, float* knw) {
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) {
+    const int dd = lane * EPL + e;
+    const float f = fpos * inv_freq[dd % (HEAD_DIM / 2)];
+    cs[e] = cosf(f);
+    sn[e] = sinf(f);
+    qnw[e] = (flags & F_QNORM) ? to_f<IS_BF16>(qw[dd]) : 1.f;
+    knw[e] = (flags & F_KNORM) ? to_f<IS_BF16>(kw[dd]) : 1.f;
+  }
+}
+
+// The head at `head` (HEAD_DIM values of the dtype), this lane's EPL of them loaded,
+// normalized (when `norm`) and rotated into `x`, in float32.
+__device__ __forceinline__ void load_norm_rotate(const u16* head, float* x, bool norm,
+                                                 const float* nw, float eps, const float* cs,
+                                                 const float* sn, int lane) {
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(head[lane * EPL + e]);
+  norm_rotate(x, norm, nw, eps, cs, sn, lane);
+}
+
+#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
+
+// After the cluster barrier that made every split's (max, sum) and this program's slice of
+// their accs visible here: output value `split * SLICE + t` of row `row` (the first of the
+// KV head's query heads) merged by log-sum-exp weights (empty splits weigh 0) and stored.
+__device__ __forceinline__ void store_merged(int t, unsigned split, const float* part_m,
+                                             const float* part_l, const float* part_acc,
+                                             u16* out, long long row) {
+  const int idx = split * SLICE + t;
+  if (idx >= GROUP * HEAD_DIM) return;
+  const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
+  float mx = NEG_INF;
+#pragma unroll
+  for (int r = 0; r < SPLITS; ++r) mx = fmaxf(mx, part_m[r * GROUP + h]);
+  float tot = 0.f, o = 0.f;
+  if (mx != NEG_INF) {
+#pragma unroll
+    for (int r = 0; r < SPLITS; ++r) {
+      const float wgt = exp2f(part_m[r * GROUP + h] - mx);  // empty splits: 0
+      tot += wgt * part_l[r * GROUP + h];
+      o += wgt * part_acc[r * SLICE + t];
+    }
+  }
+  out[(row + h) * HEAD_DIM + d] = from_f<IS_BF16>(tot > 0.f ? o / tot : 0.f);
+}
+
 """
 
 _BODY = r"""
@@ -132,7 +204,6 @@ _BODY = r"""
 #define NPAIR (HEAD_DIM / 2)      // dimension pairs: the P @ V threads of one token group
 #define NG (NT / NPAIR)           // token groups in P @ V (tokens j = group mod NG)
 #define HPW ((GROUP + 3) / 4)     // heads per warp in the softmax pass
-#define SLICE ((GROUP * HEAD_DIM + SPLITS - 1) / SPLITS)  // outputs merged per program
 
 struct Smem {
   u16 kv[STAGES][2][TILE][HEAD_DIM];  // ring of K/V tiles
@@ -147,15 +218,7 @@ static_assert(NT == 2 * TILE, "the score pass gives every tile row two threads")
 static_assert(NG * GROUP * HEAD_DIM * 4 <= sizeof(((Smem*)0)->kv), "P @ V partials reuse the ring");
 
 extern "C" __global__ void __cluster_dims__(SPLITS, 1, 1) __launch_bounds__(NT)
-stream_decode(const u16* q, long long s_qb, long long s_qh,
-              const u16* kn, long long s_knb, long long s_knh,
-              const u16* vn, long long s_vnb, long long s_vnh,
-              u16* kc, u16* vc, long long s_blk, long long s_slot, long long s_head,
-              const int* __restrict__ bt, long long s_btb, const int* __restrict__ seq_lens,
-              const long long* pos, const long long* slots,
-              const float* __restrict__ inv_freq, const u16* __restrict__ qw,
-              const u16* __restrict__ kw, float eps, float scale_log2, u16* out,
-              int block_size, int flags) {
+stream_decode(ATTENTION_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -210,42 +273,24 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
   for (int t = 0; t < STAGES; ++t) load_tile(t);
 
   float cs[EPL], sn[EPL], qnw[EPL], knw[EPL];
-  {
-    const float fpos = L > 0 ? (float)pos[b] : 0.f;
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) {
-      const int dd = lane * EPL + e;
-      const float f = fpos * inv_freq[dd % (HEAD_DIM / 2)];
-      cs[e] = cosf(f);
-      sn[e] = sinf(f);
-      qnw[e] = (flags & F_QNORM) ? to_f<IS_BF16>(qw[dd]) : 1.f;
-      knw[e] = (flags & F_KNORM) ? to_f<IS_BF16>(kw[dd]) : 1.f;
-    }
-  }
+  rotary_setup(L > 0 ? (float)pos[b] : 0.f, inv_freq, qw, kw, flags, lane, cs, sn, qnw, knw);
 
-  if (flags & F_PDL) {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (!(flags & F_EARLY)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
+  pdl_wait(flags);
 
   // Rotary of this token: every split its query heads (a warp a head); the owner also k,
   // which it stores with v at the slot and as its last tile row.
   for (int h = warp; h < GROUP; h += 4) {
-    const u16* src = q + (long long)b * s_qb + (long long)(kvh * GROUP + h) * s_qh + lane * EPL;
     float x[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(src[e]);
-    norm_rotate(x, flags & F_QNORM, qnw, eps, cs, sn, lane);
+    load_norm_rotate(q + (long long)b * s_qb + (long long)(kvh * GROUP + h) * s_qh, x,
+                     flags & F_QNORM, qnw, eps, cs, sn, lane);
 #pragma unroll
     for (int e = 0; e < EPL; ++e) sm.q[h][lane * EPL + e] = from_f<IS_BF16>(x[e]);
   }
   if (owner && warp == 3) {
-    const u16* ksrc = kn + (long long)b * s_knb + (long long)kvh * s_knh + lane * EPL;
     const u16* vsrc = vn + (long long)b * s_vnb + (long long)kvh * s_vnh + lane * EPL;
     float x[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) x[e] = to_f<IS_BF16>(ksrc[e]);
-    norm_rotate(x, flags & F_KNORM, knw, eps, cs, sn, lane);
+    load_norm_rotate(kn + (long long)b * s_knb + (long long)kvh * s_knh, x, flags & F_KNORM,
+                     knw, eps, cs, sn, lane);
     const long long slot = slots[b];
     const long long off = (slot / block_size) * s_blk + (slot % block_size) * s_slot +
                           (long long)kvh * s_head + lane * EPL;
@@ -392,26 +437,9 @@ stream_decode(const u16* q, long long s_qb, long long s_qh,
   }
   asm volatile("barrier.cluster.arrive.release.aligned;\n"
                "barrier.cluster.wait.acquire.aligned;" ::: "memory");
-  if (tid < SLICE) {
-    const int idx = split * SLICE + tid;
-    if (idx < GROUP * HEAD_DIM) {
-      const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
-      float mx = NEG_INF;
-#pragma unroll
-      for (int r = 0; r < SPLITS; ++r) mx = fmaxf(mx, sm.part_m[r][h]);
-      float tot = 0.f, o = 0.f;
-      if (mx != NEG_INF) {
-#pragma unroll
-        for (int r = 0; r < SPLITS; ++r) {
-          const float wgt = exp2f(sm.part_m[r][h] - mx);  // empty splits: 0
-          tot += wgt * sm.part_l[r][h];
-          o += wgt * sm.part_acc[r][tid];
-        }
-      }
-      out[((long long)b * (gridDim.y * GROUP) + kvh * GROUP + h) * HEAD_DIM + d] =
-          from_f<IS_BF16>(tot > 0.f ? o / tot : 0.f);
-    }
-  }
+  if (tid < SLICE)
+    store_merged(tid, split, &sm.part_m[0][0], &sm.part_l[0][0], &sm.part_acc[0][0], out,
+                 (long long)b * (gridDim.y * GROUP) + kvh * GROUP);
 }
 """
 
@@ -552,19 +580,30 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     else:
         assert out.shape == (batch, hq, d) and out.is_contiguous() and out.dtype == q.dtype
     pdl = pdl_enabled(q)
-    flags = ((1 if nk.q_norm_weight is not None else 0) | (2 if nk.k_norm_weight is not None else 0)
-             | (4 if pdl else 0) | (8 if pdl and trigger_early else 0))
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
     mod = cuda_rtc.compile_module(_source(d, group, q.dtype), _module_name(d, group, q.dtype),
                                   q.device)
     kernel = mod.kernel("stream_decode", carveout=100)
+    args = kernel_args(q, kv_cache, block_tables, seq_lens, scale, nk, out, pdl, trigger_early)
+    cuda_rtc.launch(kernel, (SPLITS, hkv, batch), _NUM_THREADS, _smem_bytes(d, group), args, pdl)
+    return out
+
+
+def kernel_args(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, scale: float, new_kv: DecodeNewKV, out: torch.Tensor,
+                pdl: bool, trigger_early: bool) -> list:
+    """The launch arguments of both CUDA attention kernels (this and `batch_decode`, which
+    share the signature), flags included."""
+    nk = new_kv
+    flags = ((1 if nk.q_norm_weight is not None else 0) | (2 if nk.k_norm_weight is not None else 0)
+             | (4 if pdl else 0) | (8 if pdl and trigger_early else 0))
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     null = ctypes.c_void_p(0)
     ll, ptr = ctypes.c_longlong, ctypes.c_void_p
 
     def p(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
         return ptr(t.data_ptr()) if t is not None else null
 
-    args = [p(q), ll(q.stride(0)), ll(q.stride(1)),
+    return [p(q), ll(q.stride(0)), ll(q.stride(1)),
             p(nk.k), ll(nk.k.stride(0)), ll(nk.k.stride(1)),
             p(nk.v), ll(nk.v.stride(0)), ll(nk.v.stride(1)),
             p(k_cache), p(v_cache), ll(k_cache.stride(0)), ll(k_cache.stride(1)),
@@ -574,5 +613,3 @@ def stream_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
             p(nk.k_norm_weight),
             ctypes.c_float(nk.eps), ctypes.c_float(float(scale) * _LOG2E), p(out),
             ctypes.c_int(kv_cache.shape[2]), ctypes.c_int(flags)]
-    cuda_rtc.launch(kernel, (SPLITS, hkv, batch), _NUM_THREADS, _smem_bytes(d, group), args, pdl)
-    return out

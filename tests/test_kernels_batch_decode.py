@@ -11,6 +11,7 @@ CPU tensors away.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -26,7 +27,9 @@ from paged_backend.kernels.batch_decode import (  # noqa: E402
 from paged_backend.kernels.decode_attention import DecodeNewKV  # noqa: E402
 
 from test_kernels_decode import GPU_TOL, check_decode_new_kv, make_case  # noqa: E402
-from test_kernels_stream_decode import _qwen_like_case  # noqa: E402
+from test_kernels_stream_decode import (  # noqa: E402
+    _qwen_like_case, check_graph_replays, check_waits_for_late_writer,
+    check_without_pdl_into_out, cpu_decode_case, run_backend_decode)
 from test_kernels_stream_gemv import needs_hopper  # noqa: E402
 
 
@@ -50,10 +53,7 @@ def test_choose_splits():
 
 
 def test_batch_decode_rejects_cpu_tensors():
-    q, kv_cache, block_tables, seq_lens = make_case([5], 2, 2, 64, 4, torch.float16)
-    k = torch.zeros(1, 2, 64, dtype=torch.float16)
-    nk = DecodeNewKV(k, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                     torch.ones(32))
+    q, kv_cache, block_tables, seq_lens, nk = cpu_decode_case()
     assert not batch_decode_supported(q, kv_cache, nk, block_tables, seq_lens)
 
 
@@ -135,25 +135,11 @@ def test_batch_decode_gpu_large_batches_default_splits(batch):
 @needs_hopper
 def test_batch_decode_gpu_without_pdl_into_out(monkeypatch):
     """PDL off (no griddepcontrol), the result written into a given `out`, only q normed."""
-    from paged_backend.kernels import pdl
 
-    monkeypatch.setenv(pdl.PDL_ENV, "0")
-    pdl._device_supports_pdl.cache_clear()
-    try:
-        assert not pdl.pdl_enabled(torch.zeros(1, device="cuda"))
+    def attend(q, cache, block_tables, seq_lens, scale, new_kv, out):
+        return batch_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
 
-        def attend_out(q, cache, block_tables, seq_lens, scale, new_kv):
-            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-            got = batch_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
-            assert got is out
-            return got
-
-        check_decode_new_kv([33, 700, 5, 90], 4, 2, 128, 16, torch.bfloat16, splits=[None],
-                            atol=GPU_TOL[torch.bfloat16], normed="q", device="cuda",
-                            attend=attend_out)
-    finally:
-        monkeypatch.delenv(pdl.PDL_ENV)
-        pdl._device_supports_pdl.cache_clear()
+    check_without_pdl_into_out(monkeypatch, attend, [33, 700, 5, 90])
 
 
 @pytest.mark.gpu
@@ -182,41 +168,7 @@ def test_batch_decode_supported_rejects():
 def test_batch_decode_waits_for_the_kernel_before_it(early):
     """PDL contract: a predecessor that lets the kernel launch at once and writes q, k, v
     late must still be seen complete (only the cached context loads before the wait)."""
-    import triton
-    import triton.language as tl
-
-    from paged_backend.kernels.decode_attention import decode_attention
-
-    @triton.jit
-    def slow_writer(dst, src, n, spin, BLOCK: tl.constexpr):
-        tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for _ in range(spin):
-            acc = acc * 0.5 + 1.0
-        one = acc * 0.5
-        offs = tl.arange(0, BLOCK)
-        v = tl.load(src + offs, mask=offs < n)
-        tl.store(dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n)
-
-    lens = [300, 40, 1200, 7, 513, 64, 65, 2]
-    qkv_true, _, kv_cache, block_tables, seq_lens, nk_true = _qwen_like_case(lens)
-    cache_ref = kv_cache.clone()
-    b = len(lens)
-    q_t, _, _ = qkv_true.view(b, -1, 128).split([16, 8, 8], dim=1)
-    expected = decode_attention(q_t, cache_ref, block_tables, seq_lens, 128 ** -0.5,
-                                new_kv=nk_true)
-    for _ in range(3):
-        qkv = torch.zeros_like(qkv_true)
-        q, k, v = qkv.view(b, -1, 128).split([16, 8, 8], dim=1)
-        nk = DecodeNewKV(k, v, *[getattr(nk_true, f) for f in (
-            "positions", "slot_mapping", "inv_freq", "q_norm_weight", "k_norm_weight", "eps")])
-        cache = kv_cache.clone()
-        n = qkv.numel()
-        slow_writer[(1,)](qkv, qkv_true, n, 20000, BLOCK=triton.next_power_of_2(n))
-        out = batch_decode(q, cache, block_tables, seq_lens, 128 ** -0.5, nk,
-                           trigger_early=early)
-        torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2)
-        torch.testing.assert_close(cache, cache_ref, rtol=1e-2, atol=2e-2, equal_nan=True)
+    check_waits_for_late_writer(batch_decode, [300, 40, 1200, 7, 513, 64, 65, 2], early)
 
 
 @pytest.mark.gpu
@@ -225,39 +177,9 @@ def test_batch_decode_waits_for_the_kernel_before_it(early):
 def test_batch_decode_in_a_cuda_graph(splits):
     """Captured once, replayed with new lengths, positions and slots: the grid and shared
     memory do not depend on the context length."""
-    from paged_backend.kernels.decode_attention import decode_attention
-
-    first = [4000, 7, 1500, 33, 40, 16]  # the blocks each row may use below
-    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case(first)
-    scale = 128 ** -0.5
-    n = len(first)
-    static_lens = torch.full((n,), 5, dtype=torch.int32, device="cuda")
-    static_pos = torch.zeros(n, dtype=torch.long, device="cuda")
-    static_slots = torch.full((n,), -1, dtype=torch.long, device="cuda")
-    gnk = DecodeNewKV(nk.k, nk.v, static_pos, static_slots, nk.inv_freq, nk.q_norm_weight,
-                      nk.k_norm_weight, nk.eps)
-    cache = kv_cache.clone()
-    batch_decode(q, cache, block_tables, static_lens, scale, gnk, splits=splits)  # compile
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = batch_decode(q, cache, block_tables, static_lens, scale, gnk, splits=splits,
-                           trigger_early=True)
-    for lens in (first, [1, 2, 3, 4, 5, 6], [0, 6, 64, 0, 17, 1], [2500, 7, 1, 30, 0, 9]):
-        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        pos = (lens_t.long() - 1).clamp(min=0)
-        slots = torch.tensor([int(block_tables[b, (m - 1) // 16]) * 16 + (m - 1) % 16 if m else -1
-                              for b, m in enumerate(lens)], device="cuda")
-        cache.copy_(kv_cache)
-        static_lens.copy_(lens_t)
-        static_pos.copy_(pos)
-        static_slots.copy_(slots)
-        graph.replay()
-        ref_cache = kv_cache.clone()
-        ref = decode_attention(q, ref_cache, block_tables, lens_t, scale, new_kv=DecodeNewKV(
-            nk.k, nk.v, pos, slots, nk.inv_freq, nk.q_norm_weight, nk.k_norm_weight, nk.eps))
-        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
-        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+    check_graph_replays(functools.partial(batch_decode, splits=splits),
+                        [4000, 7, 1500, 33, 40, 16],  # the blocks each row may use below
+                        [[1, 2, 3, 4, 5, 6], [0, 6, 64, 0, 17, 1], [2500, 7, 1, 30, 0, 9]])
 
 
 @pytest.mark.gpu
@@ -269,7 +191,6 @@ def test_backend_dispatch(monkeypatch):
     import paged_backend.layers.triton_attention as ta
     from paged_backend.kernels.stream_decode import STREAM_DECODE_MAX_BATCH
     from paged_backend.kernels.stream_gemv import STREAM_GEMV_ENV
-    from paged_backend.layers.attention import AttentionMetadata
 
     calls = []
     backend = ta.TritonAttentionBackend()
@@ -278,19 +199,7 @@ def test_backend_dispatch(monkeypatch):
                                                           k.get("trigger_early"))) or real(*a, **k)
 
     def run(lens, **kw):
-        qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
-        n = len(lens)
-        meta = AttentionMetadata(
-            num_tokens=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32, device="cuda"),
-            seq_lens=sl, slot_mapping=nk.slot_mapping, block_tables=bt, max_query_len=1,
-            max_seq_len=max(lens), block_size=16,
-            query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=list(lens))
-        cache = kv_cache.clone()
-        out = backend.decode_with_new_kv(q, nk, cache, meta, 128 ** -0.5, **kw)
-        ref_cache = kv_cache.clone()
-        ref = backend._decode(q, ref_cache, bt, sl, 128 ** -0.5, new_kv=nk)
-        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
-        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+        run_backend_decode(backend, lens, **kw)
 
     run([100] * STREAM_DECODE_MAX_BATCH)  # stream_decode's
     assert calls == []

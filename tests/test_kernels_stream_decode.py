@@ -40,12 +40,17 @@ def _attend_early(q, cache, block_tables, seq_lens, scale, new_kv):
     return stream_decode(q, cache, block_tables, seq_lens, scale, new_kv, trigger_early=True)
 
 
-def test_stream_decode_rejects_cpu_tensors():
+def cpu_decode_case():
+    """A small decode step on CPU tensors: (q, kv_cache, block_tables, seq_lens, new_kv)."""
     q, kv_cache, block_tables, seq_lens = make_case([5], 2, 2, 64, 4, torch.float16)
     k = torch.zeros(1, 2, 64, dtype=torch.float16)
     nk = DecodeNewKV(k, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                      torch.ones(32))
-    assert not stream_decode_supported(q, kv_cache, nk, block_tables, seq_lens)
+    return q, kv_cache, block_tables, seq_lens, nk
+
+
+def test_stream_decode_rejects_cpu_tensors():
+    assert not stream_decode_supported(*cpu_decode_case())
 
 
 @pytest.mark.gpu
@@ -109,6 +114,17 @@ def test_stream_decode_gpu_odd_groups(head_dim, group):
 @needs_hopper
 def test_stream_decode_gpu_without_pdl_into_out_q_norm_only(monkeypatch):
     """PDL off (no griddepcontrol), the result written into a given `out`, only q normed."""
+
+    def attend(q, cache, block_tables, seq_lens, scale, new_kv, out):
+        assert stream_decode_supported(q, cache, new_kv, block_tables, seq_lens)
+        return stream_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
+
+    check_without_pdl_into_out(monkeypatch, attend, [33, 700])
+
+
+def check_without_pdl_into_out(monkeypatch, attend, lens):
+    """`attend(q, cache, block_tables, seq_lens, scale, new_kv, out)` with PDL off writes a
+    NaN-filled `out` and returns it, against the oracle (only q normed)."""
     from paged_backend.kernels import pdl
 
     monkeypatch.setenv(pdl.PDL_ENV, "0")
@@ -118,14 +134,12 @@ def test_stream_decode_gpu_without_pdl_into_out_q_norm_only(monkeypatch):
 
         def attend_out(q, cache, block_tables, seq_lens, scale, new_kv):
             assert new_kv.q_norm_weight is not None and new_kv.k_norm_weight is None
-            out = torch.full((q.shape[0], q.shape[1], q.shape[2]), float("nan"),
-                             dtype=q.dtype, device=q.device)
-            assert stream_decode_supported(q, cache, new_kv, block_tables, seq_lens)
-            got = stream_decode(q, cache, block_tables, seq_lens, scale, new_kv, out=out)
+            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+            got = attend(q, cache, block_tables, seq_lens, scale, new_kv, out)
             assert got is out
             return got
 
-        check_decode_new_kv([33, 700], 4, 2, 128, 16, torch.bfloat16, splits=[None],
+        check_decode_new_kv(lens, 4, 2, 128, 16, torch.bfloat16, splits=[None],
                             atol=GPU_TOL[torch.bfloat16], normed="q", device="cuda",
                             attend=attend_out)
     finally:
@@ -173,6 +187,53 @@ def _qwen_like_case(lens, seed=0):
                                                                  inv_freq, w, w, 1e-6)
 
 
+def write_late(dst, src):
+    """Copy `src` into `dst` with a kernel that lets the next launch start at once (PDL
+    trigger first) and writes only after a long spin: a kernel launched next that read
+    `dst` before its own wait would see zeros."""
+    import triton
+    import triton.language as tl
+
+    global _slow_writer
+    if _slow_writer is None:
+        @triton.jit
+        def slow_writer(dst, src, n, spin, BLOCK: tl.constexpr):
+            tl.extra.cuda.gdc_launch_dependents()
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for _ in range(spin):
+                acc = acc * 0.5 + 1.0
+            one = acc * 0.5
+            offs = tl.arange(0, BLOCK)
+            v = tl.load(src + offs, mask=offs < n)
+            tl.store(dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n)
+        _slow_writer = slow_writer
+    n = dst.numel()
+    _slow_writer[(1,)](dst, src, n, 20000, BLOCK=triton.next_power_of_2(n))
+
+
+_slow_writer = None
+
+
+def run_backend_decode(backend, lens, **kw):
+    """`backend.decode_with_new_kv` on a Qwen3-0.6B-like pure-decode step of `lens`, checked
+    (output and cache) against the Triton decode kernel with `new_kv`."""
+    from paged_backend.layers.attention import AttentionMetadata
+
+    qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
+    n = len(lens)
+    meta = AttentionMetadata(
+        num_tokens=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=sl, slot_mapping=nk.slot_mapping, block_tables=bt, max_query_len=1,
+        max_seq_len=max(lens), block_size=16,
+        query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=list(lens))
+    cache = kv_cache.clone()
+    out = backend.decode_with_new_kv(q, nk, cache, meta, 128 ** -0.5, **kw)
+    ref_cache = kv_cache.clone()
+    ref = backend._decode(q, ref_cache, bt, sl, 128 ** -0.5, new_kv=nk)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+
+
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("early", [False, True], ids=["trigger_after_wait", "trigger_early"])
@@ -180,39 +241,30 @@ def test_stream_decode_waits_for_the_kernel_before_it(early):
     """PDL contract: a predecessor that lets the kernel launch at once and writes q, k, v
     late must still be seen complete (only the cached context loads before the wait),
     also when the kernel itself triggers its successor at its start."""
-    import triton
-    import triton.language as tl
+    check_waits_for_late_writer(stream_decode, [300], early)
 
+
+def check_waits_for_late_writer(attend, lens, early):
+    """`attend(q, cache, block_tables, seq_lens, scale, new_kv, trigger_early=early)` right
+    after `write_late` fills its q, k, v: it must see them complete, three times over."""
     from paged_backend.kernels.decode_attention import decode_attention
     from paged_backend.kernels.pdl import pdl_enabled
 
-    @triton.jit
-    def slow_writer(dst, src, n, spin, BLOCK: tl.constexpr):
-        tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for _ in range(spin):
-            acc = acc * 0.5 + 1.0
-        one = acc * 0.5
-        offs = tl.arange(0, BLOCK)
-        v = tl.load(src + offs, mask=offs < n)
-        tl.store(dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n)
-
-    qkv_true, _, kv_cache, block_tables, seq_lens, nk_true = _qwen_like_case([300])
+    qkv_true, _, kv_cache, block_tables, seq_lens, nk_true = _qwen_like_case(lens)
     assert pdl_enabled(qkv_true)
     cache_ref = kv_cache.clone()
-    q_t, _, _ = qkv_true.view(1, -1, 128).split([16, 8, 8], dim=1)
+    n = len(lens)
+    q_t, _, _ = qkv_true.view(n, -1, 128).split([16, 8, 8], dim=1)
     expected = decode_attention(q_t, cache_ref, block_tables, seq_lens, 128 ** -0.5,
                                 new_kv=nk_true)
     for _ in range(3):
         qkv = torch.zeros_like(qkv_true)
-        q, k, v = qkv.view(1, -1, 128).split([16, 8, 8], dim=1)
+        q, k, v = qkv.view(n, -1, 128).split([16, 8, 8], dim=1)
         nk = DecodeNewKV(k, v, *[getattr(nk_true, f) for f in (
             "positions", "slot_mapping", "inv_freq", "q_norm_weight", "k_norm_weight", "eps")])
         cache = kv_cache.clone()
-        n = qkv.numel()
-        slow_writer[(1,)](qkv, qkv_true, n, 20000, BLOCK=triton.next_power_of_2(n))
-        out = stream_decode(q, cache, block_tables, seq_lens, 128 ** -0.5, nk,
-                            trigger_early=early)
+        write_late(qkv, qkv_true)
+        out = attend(q, cache, block_tables, seq_lens, 128 ** -0.5, nk, trigger_early=early)
         torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2)
         torch.testing.assert_close(cache, cache_ref, rtol=1e-2, atol=2e-2, equal_nan=True)
 
@@ -280,26 +332,35 @@ def test_gemv_after_an_early_triggering_stream_decode():
 def test_stream_decode_in_a_cuda_graph():
     """Captured once, replayed with new lengths, positions and slots: the grid and shared
     memory do not depend on the context length (the ring streams any number of tiles)."""
+    check_graph_replays(stream_decode, [4000, 7, 1500], [[1, 2, 3], [0, 6, 64], [2500, 7, 1]])
+
+
+def check_graph_replays(attend, first, later):
+    """`attend(q, cache, block_tables, seq_lens, scale, new_kv, trigger_early=...)` captured
+    once in a CUDA graph over static seq_lens, positions and slots, then replayed with the
+    lengths `first` and each of `later` (within each row's blocks, which `first` sizes),
+    output and cache checked against the Triton kernel each time."""
     from paged_backend.kernels.decode_attention import decode_attention
 
-    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case([4000, 7, 1500])
+    qkv, q, kv_cache, block_tables, seq_lens, nk = _qwen_like_case(first)
     scale = 128 ** -0.5
-    static_lens = torch.tensor([5, 5, 5], dtype=torch.int32, device="cuda")
-    static_pos = torch.zeros(3, dtype=torch.long, device="cuda")
-    static_slots = torch.full((3,), -1, dtype=torch.long, device="cuda")
+    n = len(first)
+    static_lens = torch.full((n,), 5, dtype=torch.int32, device="cuda")
+    static_pos = torch.zeros(n, dtype=torch.long, device="cuda")
+    static_slots = torch.full((n,), -1, dtype=torch.long, device="cuda")
     gnk = DecodeNewKV(nk.k, nk.v, static_pos, static_slots, nk.inv_freq, nk.q_norm_weight,
                       nk.k_norm_weight, nk.eps)
     cache = kv_cache.clone()
-    stream_decode(q, cache, block_tables, static_lens, scale, gnk)  # compile before capture
+    attend(q, cache, block_tables, static_lens, scale, gnk)  # compile before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = stream_decode(q, cache, block_tables, static_lens, scale, gnk, trigger_early=True)
-    for lens in ([4000, 7, 1500], [1, 2, 3], [0, 6, 64], [2500, 7, 1]):  # within each row's blocks
+        out = attend(q, cache, block_tables, static_lens, scale, gnk, trigger_early=True)
+    for lens in (first, *later):
         lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
         pos = (lens_t.long() - 1).clamp(min=0)
-        slots = torch.tensor([int(block_tables[b, (n - 1) // 16]) * 16 + (n - 1) % 16 if n else -1
-                              for b, n in enumerate(lens)], device="cuda")
+        slots = torch.tensor([int(block_tables[b, (m - 1) // 16]) * 16 + (m - 1) % 16 if m else -1
+                              for b, m in enumerate(lens)], device="cuda")
         cache.copy_(kv_cache)
         static_lens.copy_(lens_t)
         static_pos.copy_(pos)
@@ -319,7 +380,6 @@ def test_backend_dispatch(monkeypatch):
     STREAM_DECODE_MAX_BATCH sequences, another kernel for more (batch_decode: its own
     dispatch test) or with the switch off (the Triton kernels), with the same results."""
     import paged_backend.layers.triton_attention as ta
-    from paged_backend.layers.attention import AttentionMetadata
 
     calls = []
     backend = ta.TritonAttentionBackend()
@@ -327,19 +387,7 @@ def test_backend_dispatch(monkeypatch):
     backend._stream_decode = lambda *a, **k: calls.append(k.get("trigger_early")) or real(*a, **k)
 
     def run(lens, **kw):
-        qkv, q, kv_cache, bt, sl, nk = _qwen_like_case(lens, seed=3)
-        n = len(lens)
-        meta = AttentionMetadata(
-            num_tokens=n, query_start_loc=torch.arange(n + 1, dtype=torch.int32, device="cuda"),
-            seq_lens=sl, slot_mapping=nk.slot_mapping, block_tables=bt, max_query_len=1,
-            max_seq_len=max(lens), block_size=16,
-            query_start_loc_cpu=list(range(n + 1)), seq_lens_cpu=list(lens))
-        cache = kv_cache.clone()
-        out = backend.decode_with_new_kv(q, nk, cache, meta, 128 ** -0.5, **kw)
-        ref_cache = kv_cache.clone()
-        ref = backend._decode(q, ref_cache, bt, sl, 128 ** -0.5, new_kv=nk)
-        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
-        torch.testing.assert_close(cache, ref_cache, rtol=1e-2, atol=2e-2, equal_nan=True)
+        run_backend_decode(backend, lens, **kw)
 
     run([100] * STREAM_DECODE_MAX_BATCH, trigger_early=True)  # the caller's choice reaches
     assert calls == [True]                                    # the kernel
