@@ -5,10 +5,12 @@ computes (kernels/decode_attention.py: normalize and rotate q and the new k,
 store the new k and v at the token's slot, attend over the whole context);
 results differ by float32 summation order and by where P is rounded (per warp
 and 16-token chunk here, per split and 64-token tile there; the new token's
-weight is not rounded here). It exists for
-the bandwidth of decode steps of many sequences (bench-64's 16-64), where the
-Triton split kernel reads the cache at ~2.2 TB/s: its K/V gathers land in
-registers one tile at a time, so a program's loads stop while it computes.
+weight is not rounded here). It exists for the bandwidth of decode steps of
+many sequences (bench-64's 16-64), where the Triton split kernel reads the
+cache at ~2.2 TB/s: its K/V gathers land in registers one tile at a time, so a
+program's loads stop while it computes. On the H100 this kernel reads it at
+2.5-2.8 TB/s at 8-64 sequences (benchmarks/decode_attention.py --new-kv;
+bench-64 +8-10%, bench-256 +9% for Qwen3-0.6B, BENCHMARKS.md).
 
 Grid `(SPLITS, Hkv, B)`; with SPLITS > 1 the programs of one (sequence, KV
 head) form a thread-block cluster and merge their results through distributed
@@ -34,12 +36,12 @@ when it merges its warps. So the first STAGES chunks of every warp are issued
 before `griddepcontrol.wait`, as in `stream_decode`, and the same PDL
 precondition holds (kernels/pdl.py): the block table, seq_lens, positions,
 slots, the cached context and the rotary and norm constants are read before
-the wait. A row whose slot is negative stores
-nothing and reads all `seq_len` positions from the cache, as the Triton kernel
-does; a row with `seq_len == 0` gets zeros.
+the wait. A row whose slot is negative stores nothing and reads all `seq_len`
+positions from the cache, as the Triton kernel does; a row with `seq_len == 0`
+gets zeros.
 
 Limits, checked by `batch_decode_supported` (callers keep the Triton path):
-those of `stream_decode_supported` (bf16/fp16, head_dim 64 or 128, at most 8
+those of `stream_decode.layout_supported` (bf16/fp16, head_dim 64 or 128, at most 8
 query heads per KV head, the cache, index and norm-weight layouts), up to
 65,535 sequences (the grid's z), a compute-capability-9+ GPU where the kernel
 compiles with the chosen splits, warps and ring depth, whose shared memory
