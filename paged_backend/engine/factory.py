@@ -140,6 +140,8 @@ def build_engine(args: EngineArgs) -> LLMEngine:
     from paged_backend.layers.triton_attention import default_backend
     from paged_backend.models import loader
     from paged_backend.models.registry import kv_cache_shape_info
+    from paged_backend.runner.cuda_graphs import batch_size_buckets
+    from paged_backend.runner.dummy_batch import full_prefill_lens
     from paged_backend.runner.model_runner import ModelRunner
 
     if args.load_format not in ("auto", "dummy", "safetensors", "gguf", "pt"):
@@ -209,7 +211,10 @@ def build_engine(args: EngineArgs) -> LLMEngine:
                          head_dim=head_dim, num_blocks=num_blocks, block_size=cfg.block_size,
                          vocab_size=vocab_size, device=device, dtype=dtype, seed=cfg.seed)
     if device.type == "cuda":
-        runner.warm_up_kernels(max_model_len)
+        runner.warm_up_kernels(
+            max_model_len,
+            full_prefill_lens(cfg.max_num_batched_tokens, cfg.max_num_seqs, max_model_len),
+            head_sizes=batch_size_buckets(cfg.max_num_seqs))
     if device.type == "cuda" and not cfg.enforce_eager and getattr(backend, "graph_capturable", False):
         runner.capture_decode_graphs(min(cfg.max_num_seqs, _MAX_GRAPH_BATCH), max_model_len)
         # One sequence's prefill up to 512 tokens: host-bound when launched eagerly.
@@ -233,30 +238,24 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 def _profile_activation_bytes(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                               num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-    """Peak memory of one forward pass over max_num_batched_tokens tokens (GPU only)."""
-    from paged_backend.layers.attention import AttentionMetadata
+    """Peak memory of one forward pass over the largest prefill step (GPU only):
+    max_num_batched_tokens tokens in as few sequences as max_model_len allows
+    (runner/dummy_batch.py), with the LM head over up to max_num_seqs rows."""
+    from paged_backend.runner.dummy_batch import full_prefill_lens, prefill_batch
 
-    n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
-    nb = -(-n // cfg.block_size)
+    lens = full_prefill_lens(cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_model_len)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
+    ids, positions, meta, nb = prefill_batch(lens, cfg.block_size, device, write_kv=True)
     kv = torch.zeros((num_layers, 2, nb, cfg.block_size, num_kv_heads, head_dim), dtype=dtype,
                      device=device)
-    meta = AttentionMetadata(
-        num_tokens=n, query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
-        block_tables=torch.arange(nb, dtype=torch.int32, device=device)[None],
-        max_query_len=n, max_seq_len=n, block_size=cfg.block_size,
-        query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
     with torch.inference_mode():
-        h = model(torch.zeros(n, dtype=torch.long, device=device),
-                  torch.arange(n, dtype=torch.long, device=device), list(kv), meta)
-        model.compute_logits(h[-min(n, cfg.max_num_seqs):])
+        h = model(ids, positions, list(kv), meta)
+        model.compute_logits(h[-min(len(h), cfg.max_num_seqs):])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base - kv.numel() * kv.element_size()
-    del kv, h
+    del kv, h, ids, positions, meta
     torch.cuda.empty_cache()
     return int(peak)

@@ -28,7 +28,7 @@ import collections
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -177,6 +177,9 @@ class ModelRunner:
         self._stage_ok: Optional[bool] = None  # decode inputs through kernels/host_io.py
         # Pinned outputs that kernels write directly, with the event after the write.
         self._host_writes: collections.deque = collections.deque()
+        # Row counts the LM head runs at (set by warm_up_kernels; empty: as many rows as
+        # are sampled). See _head_rows.
+        self._head_sizes: list[int] = []
 
     @property
     def supports_overlap(self) -> bool:
@@ -217,13 +220,18 @@ class ModelRunner:
         self._graph_pool = self.prefill_graphs.capture(self._graph_pool)
 
     @torch.inference_mode()
-    def warm_up_kernels(self, max_model_len: int) -> None:
+    def warm_up_kernels(self, max_model_len: int, prefill_lens: Optional[list[int]] = None,
+                        head_sizes: Sequence[int] = ()) -> None:
         """Compile the eager path's kernel variants now rather than in the middle of a run.
 
         One forward per extend-kernel tile configuration (new tokens 2..64 after a short
         cached prefix) and the decode kernel with and without splits (with the one-row
-        greedy LM head after it). Slots are -1, so nothing is written to the KV cache; the
-        outputs are discarded.
+        greedy LM head after it). Then, given `prefill_lens` (runner/dummy_batch.py), the
+        largest prefill step, followed by the LM head at each of `head_sizes` rows, which
+        from then on are the row counts it runs at (see `_head_rows`). The first real step
+        of each would otherwise pay for the allocator's growth and cuBLAS's first use of
+        those shapes (~70 ms in a bench-64 run on an H100). Slots are -1, so nothing is
+        written to the KV cache; the outputs are discarded.
         """
         dev = self.device
         bs = self.block_size
@@ -246,6 +254,21 @@ class ModelRunner:
             greedy = getattr(self.model, "greedy_tokens", None)
             if q == 1 and greedy is not None:  # the one-row greedy LM head (compiled at first use)
                 greedy(hidden[-1:])
+        if prefill_lens:
+            from paged_backend.runner.dummy_batch import prefill_batch
+            ids, positions, meta, _ = prefill_batch(prefill_lens, bs, dev, write_kv=False)
+            hidden = self.model(ids, positions, self.kv_caches, meta)
+            # The LM head at every row count it will run at (cuBLAS picks, and on first
+            # use loads, a kernel per shape: 5-7 ms a new count on an H100).
+            self._head_sizes = sorted(set(head_sizes))
+            greedy = getattr(self.model, "greedy_tokens", None)
+            for m in self._head_sizes:
+                h = hidden[:m] if m <= len(hidden) else hidden.new_zeros((m, hidden.shape[1]))
+                if greedy is not None and m > 1:
+                    greedy(h)
+                else:
+                    self.model.compute_logits(h)
+            del hidden
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
@@ -279,6 +302,23 @@ class ModelRunner:
     def _to_device(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
+
+    def _head_rows(self, hidden: torch.Tensor, inp: "_Inputs", n: int) -> torch.Tensor:
+        """The hidden rows the LM head runs on: the step's `n` sampled rows, followed by
+        padding rows up to the next of `_head_sizes` (on CUDA, the decode graphs' buckets).
+
+        cuBLAS picks a kernel per row count and loads it on first use, so an LM head run at
+        whatever count a step samples stalled the first step at each new count (5-7 ms,
+        ~2% of a bench-64 run); padded, it sees only counts warmed up at start-up. The
+        extra rows cost nothing in a memory-bound GEMM; callers keep the first `n`."""
+        m = next((b for b in self._head_sizes if b >= n), n)
+        if inp.sample_idx is None:
+            if hidden.shape[0] >= m:  # a graph's output holds its bucket's rows
+                return hidden[:m]
+            h = hidden[:n]
+        else:
+            h = hidden.index_select(0, inp.sample_idx)
+        return h if m == n else torch.nn.functional.pad(h, (0, 0, 0, m - n))
 
     def _hold_until_written(self, host: torch.Tensor) -> None:
         """Keep a pinned tensor that a queued kernel writes over PCIe alive until the stream
@@ -520,19 +560,21 @@ class ModelRunner:
 
         handle = StepHandle(row_reqs, None, None, [], [])
         if rows:
-            h = hidden[:len(rows)] if inp.sample_idx is None else hidden.index_select(0, inp.sample_idx)
+            n = len(rows)
+            h = self._head_rows(hidden, inp, n)  # n rows, then padding rows (CUDA)
             greedy = getattr(self.model, "greedy_tokens", None) if plain else None
             if greedy is not None and self.device.type == "cuda":
                 # The model puts the tokens into pinned memory itself (the LM head kernel
                 # writes them over PCIe where it runs): no separate copy to queue.
-                handle.sampled = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
-                sampled = greedy(h, host_out=handle.sampled)
-                self._hold_until_written(handle.sampled)
+                host = torch.empty(len(h), dtype=torch.int64, pin_memory=True)
+                sampled = greedy(h, host_out=host)[:n]
+                handle.sampled = host[:n]
+                self._hold_until_written(host)
             elif plain:  # argmax of the model-dtype logits: the same token, no fp32 copy
                 sampled = (greedy(h) if greedy is not None
-                           else self.model.compute_logits(h, upcast=False).argmax(dim=-1))
+                           else self.model.compute_logits(h, upcast=False).argmax(dim=-1))[:n]
             else:
-                logits = self.model.compute_logits(h)
+                logits = self.model.compute_logits(h)[:n]
                 res = self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
                 sampled = res.sampled_token_ids
                 lp = res.logprobs
