@@ -111,3 +111,6 @@ def test_warm_up_runs_the_largest_prefill_without_writing(tmp_path, monkeypatch)
     assert head_rows[-4:] == [1, 2, 4, 512]  # each LM-head size, 512 past the 300 rows
     assert runner._head_sizes == [1, 2, 4, 512]
     assert runner.kv_cache.abs().sum() == 0
+    head_rows.clear()
+    runner.warm_up_kernels(128, head_sizes=[3])  # head sizes without the prefill step
+    assert head_rows[-1] == 3 and runner._head_sizes == [3] and seen[-1] != lens

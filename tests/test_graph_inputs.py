@@ -90,18 +90,19 @@ def test_graph_inputs_match_eager(tmp_path, monkeypatch, overlap):
 
 
 @cpu_only
-def test_lm_head_rows_padded_to_sizes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("graphs", [True, False])
+def test_lm_head_rows_padded_to_sizes(tmp_path, monkeypatch, graphs):
     """With LM-head sizes set (on CUDA, by the start-up warm-up), the LM head runs only at
     those row counts, on graph steps (the bucket's rows) and eager ones (padding rows
-    appended), and the step's tokens and logprobs are those of the unpadded run."""
+    appended), for all-greedy batches (the plain argmax path) and mixed ones (the sampler),
+    and the tokens and logprobs are those of the unpadded run."""
     make_tiny_checkpoint("qwen3", str(tmp_path))
     rng = random.Random(1)
     prompts = [{"prompt_token_ids": [rng.randrange(200) for _ in range(rng.randint(3, 20))]}
                for _ in range(5)]
-    params = [SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True)
-              for i in range(3)]
-    params += [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=4 + i, logprobs=2,
-                              ignore_eos=True) for i in range(2)]
+    greedy = [SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True) for i in range(5)]
+    mixed = greedy[:3] + [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=4 + i,
+                                         logprobs=2, ignore_eos=True) for i in range(2)]
     args = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
                 num_kv_blocks=64, max_model_len=64)
     monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
@@ -109,9 +110,10 @@ def test_lm_head_rows_padded_to_sizes(tmp_path, monkeypatch):
     def run(sizes):
         llm = LLM(str(tmp_path), **args)
         runner = llm.llm_engine.runner
-        runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=8,
-                                    max_blocks_per_seq=16, block_size=4, max_model_len=64,
-                                    num_kv_heads=runner.num_kv_heads, device=runner.device)
+        if graphs:
+            runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=8,
+                                        max_blocks_per_seq=16, block_size=4, max_model_len=64,
+                                        num_kv_heads=runner.num_kv_heads, device=runner.device)
         runner._head_sizes = sizes
         rows = []
         real = runner.model.compute_logits
@@ -120,19 +122,23 @@ def test_lm_head_rows_padded_to_sizes(tmp_path, monkeypatch):
             rows.append(h.shape[0])
             return real(h, *a, **k)
         monkeypatch.setattr(runner.model, "compute_logits", spy)
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = [llm.generate(prompts, p, use_tqdm=False) for p in (greedy, mixed)]
         assert llm.llm_engine.block_manager.num_used_blocks == 0
         return outs, rows
 
     ref, ref_rows = run([])
     got, rows = run([1, 2, 4, 8])
-    assert set(rows) <= {1, 2, 4, 8} and {3, 5} & set(ref_rows)  # counts 3 and 5 were padded
-    for g, r in zip(got, ref, strict=True):
-        assert g.outputs[0].token_ids == r.outputs[0].token_ids
-        for lg, lr in zip(g.outputs[0].logprobs or [], r.outputs[0].logprobs or [], strict=True):
-            assert lg.keys() == lr.keys()
-            for t in lg:
-                assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
+    # Unpadded, the batches sample 5, 4, 3, ... rows; padded, only the listed counts.
+    assert {3, 5} <= set(ref_rows) and set(rows) <= {1, 2, 4, 8}
+    for outs, ref_outs in zip(got, ref, strict=True):
+        for g, r in zip(outs, ref_outs, strict=True):
+            assert g.outputs[0].token_ids == r.outputs[0].token_ids
+            glp, rlp = g.outputs[0].logprobs or [], r.outputs[0].logprobs or []
+            assert len(glp) == len(rlp)
+            for lg, lr in zip(glp, rlp, strict=True):
+                assert lg.keys() == lr.keys()
+                for t in lg:
+                    assert abs(lg[t].logprob - lr[t].logprob) < 1e-4
 
 
 @cpu_only

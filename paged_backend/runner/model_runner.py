@@ -38,6 +38,7 @@ from paged_backend.layers.attention import AttentionMetadata
 from paged_backend.layers.sampler import (LogprobsTensors, Sampler, SamplingMetadata,
                                           SamplingRow, compute_logprobs_tensors)
 from paged_backend.runner.cuda_graphs import DecodeGraphs
+from paged_backend.runner.dummy_batch import prefill_batch
 from paged_backend.runner.prefill_graphs import PrefillGraphs
 
 logger = logging.getLogger(__name__)
@@ -220,21 +221,22 @@ class ModelRunner:
         self._graph_pool = self.prefill_graphs.capture(self._graph_pool)
 
     @torch.inference_mode()
-    def warm_up_kernels(self, max_model_len: int, prefill_lens: Optional[list[int]] = None,
+    def warm_up_kernels(self, max_model_len: int, prefill_lens: Sequence[int] = (),
                         head_sizes: Sequence[int] = ()) -> None:
         """Compile the eager path's kernel variants now rather than in the middle of a run.
 
         One forward per extend-kernel tile configuration (new tokens 2..64 after a short
         cached prefix) and the decode kernel with and without splits (with the one-row
         greedy LM head after it). Then, given `prefill_lens` (runner/dummy_batch.py), the
-        largest prefill step, followed by the LM head at each of `head_sizes` rows, which
-        from then on are the row counts it runs at (see `_head_rows`). The first real step
-        of each would otherwise pay for the allocator's growth and cuBLAS's first use of
-        those shapes (~70 ms in a bench-64 run on an H100). Slots are -1, so nothing is
-        written to the KV cache; the outputs are discarded.
+        largest prefill step; and, given `head_sizes`, the LM head at each of those row
+        counts, which from then on are the counts it runs at (see `_head_rows`). The first
+        real step of each would otherwise pay for the allocator's growth and cuBLAS's first
+        use of those shapes (4-6 ms a new LM-head row count on an H100). Slots are -1, so
+        nothing is written to the KV cache; the outputs are discarded.
         """
         dev = self.device
         bs = self.block_size
+        greedy = getattr(self.model, "greedy_tokens", None)
         # (new tokens, context including them)
         for q, seq in [(2, 18), (4, 20), (8, 24), (16, 32), (32, 48), (64, 80), (1, 16),
                        (1, 2048)]:
@@ -251,24 +253,19 @@ class ModelRunner:
             positions = torch.arange(seq - q, seq, dtype=torch.int64, device=dev)
             hidden = self.model(torch.zeros(q, dtype=torch.int64, device=dev), positions,
                                 self.kv_caches, meta)
-            greedy = getattr(self.model, "greedy_tokens", None)
             if q == 1 and greedy is not None:  # the one-row greedy LM head (compiled at first use)
                 greedy(hidden[-1:])
         if prefill_lens:
-            from paged_backend.runner.dummy_batch import prefill_batch
-            ids, positions, meta, _ = prefill_batch(prefill_lens, bs, dev, write_kv=False)
+            ids, positions, meta, _ = prefill_batch(list(prefill_lens), bs, dev, write_kv=False)
             hidden = self.model(ids, positions, self.kv_caches, meta)
-            # The LM head at every row count it will run at (cuBLAS picks, and on first
-            # use loads, a kernel per shape: 5-7 ms a new count on an H100).
-            self._head_sizes = sorted(set(head_sizes))
-            greedy = getattr(self.model, "greedy_tokens", None)
-            for m in self._head_sizes:
-                h = hidden[:m] if m <= len(hidden) else hidden.new_zeros((m, hidden.shape[1]))
-                if greedy is not None and m > 1:
-                    greedy(h)
-                else:
-                    self.model.compute_logits(h)
-            del hidden
+        self._head_sizes = sorted(set(head_sizes))
+        for m in self._head_sizes:
+            h = hidden[:m] if m <= len(hidden) else hidden.new_zeros((m, hidden.shape[1]))
+            if greedy is not None and m > 1:
+                greedy(h)
+            else:
+                self.model.compute_logits(h)
+        del hidden
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
@@ -303,13 +300,13 @@ class ModelRunner:
         t = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
 
-    def _head_rows(self, hidden: torch.Tensor, inp: "_Inputs", n: int) -> torch.Tensor:
+    def _head_rows(self, hidden: torch.Tensor, inp: _Inputs, n: int) -> torch.Tensor:
         """The hidden rows the LM head runs on: the step's `n` sampled rows, followed by
         padding rows up to the next of `_head_sizes` (on CUDA, the decode graphs' buckets).
 
         cuBLAS picks a kernel per row count and loads it on first use, so an LM head run at
-        whatever count a step samples stalled the first step at each new count (5-7 ms,
-        ~2% of a bench-64 run); padded, it sees only counts warmed up at start-up. The
+        whatever count a step samples stalled the first step at each new count (4-6 ms
+        once each); padded, it sees only counts warmed up at start-up. The
         extra rows cost nothing in a memory-bound GEMM; callers keep the first `n`."""
         m = next((b for b in self._head_sizes if b >= n), n)
         if inp.sample_idx is None:
