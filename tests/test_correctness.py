@@ -89,7 +89,7 @@ def test_greedy_matches_transformers_under_pressure(arch, hf_models):
 def test_logprobs_and_prompt_logprobs_match_log_softmax(hf_models, logprob_rows, monkeypatch):
     if logprob_rows is not None:  # prompt logprobs of an 8-token step in slices of 3, 3, 2
         from paged_backend.runner import model_runner
-        monkeypatch.setattr(model_runner, "_LOGPROB_ROWS", logprob_rows)
+        monkeypatch.setattr(model_runner, "LOGPROB_ROWS", logprob_rows)
     path, hf = hf_models("llama")
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
               max_num_batched_tokens=8, max_model_len=64)

@@ -114,3 +114,46 @@ def test_warm_up_runs_the_largest_prefill_without_writing(tmp_path, monkeypatch)
     head_rows.clear()
     runner.warm_up_kernels(128, head_sizes=[3])  # head sizes without the prefill step
     assert head_rows[-1] == 3 and runner._head_sizes == [3] and seen[-1] != lens
+
+
+@pytest.mark.parametrize("num_tokens, max_logprobs, want_rows, want_slice", [
+    (10, 5, 4, 6),   # max_num_seqs rows sampled, one slice of logprob_rows positions
+    (3, 5, 3, 3),    # a forward of fewer tokens caps both
+    (10, 0, 4, 6),   # max_logprobs 0: no sampled logprobs, prompt logprobs without a top-k
+])
+def test_largest_step_tail_runs_every_sampler_path(num_tokens, max_logprobs, want_rows, want_slice,
+                                                   monkeypatch):
+    """The profile's step tail samples with every filter, penalty and logprobs on, then
+    computes one slice of prompt logprobs."""
+    from paged_backend.runner import dummy_batch
+
+    vocab, hidden_size = 200, 8
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+
+    class Model(torch.nn.Module):
+        def compute_logits(self, h, upcast=True):
+            return head(h).float()
+
+    metas, slices = [], []
+    real_sampler, real_lp = dummy_batch.Sampler, dummy_batch.compute_logprobs_tensors
+
+    class SpySampler(real_sampler):
+        def __call__(self, logits, meta):
+            metas.append((logits.shape, meta))
+            return super().__call__(logits, meta)
+
+    def spy_lp(logits, targets, k):
+        slices.append((logits.shape, targets.shape, k))
+        return real_lp(logits, targets, k)
+    monkeypatch.setattr(dummy_batch, "Sampler", SpySampler)
+    monkeypatch.setattr(dummy_batch, "compute_logprobs_tensors", spy_lp)
+    with torch.no_grad():
+        dummy_batch.run_largest_step_tail(Model(), torch.randn(num_tokens, hidden_size),
+                                          max_rows=4, max_logprobs=max_logprobs, logprob_rows=6)
+    (shape, meta), = metas
+    assert shape == (want_rows, vocab) and meta.num_rows == want_rows
+    assert not meta.all_greedy and meta.top_k is not None and meta.top_p is not None
+    assert meta.min_p is not None and meta.repetition_penalty is not None
+    assert meta.frequency_penalty is not None and meta.presence_penalty is not None
+    assert meta.needs_logprobs == (max_logprobs > 0) and meta.max_num_logprobs == max_logprobs
+    assert slices == [((want_slice, vocab), (want_slice,), max_logprobs)]

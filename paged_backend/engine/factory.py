@@ -194,7 +194,7 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
     def profile() -> int:
         return _profile_activation_bytes(model, cfg, device, dtype, num_layers, num_kv_heads,
-                                         head_dim)
+                                         head_dim, args.max_logprobs)
 
     num_blocks = _kv_blocks(args, device, per_block, max_model_len, profile)
     capacity = num_blocks * cfg.block_size
@@ -237,11 +237,14 @@ def build_engine(args: EngineArgs) -> LLMEngine:
 
 
 def _profile_activation_bytes(model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
-                              num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-    """Peak memory of one forward pass over the largest prefill step (GPU only):
-    max_num_batched_tokens tokens in as few sequences as max_model_len allows
-    (runner/dummy_batch.py), with the LM head over up to max_num_seqs rows."""
-    from paged_backend.runner.dummy_batch import full_prefill_lens, prefill_batch
+                              num_layers: int, num_kv_heads: int, head_dim: int,
+                              max_logprobs: int) -> int:
+    """Peak memory of the largest step (GPU only): a forward pass over max_num_batched_tokens
+    tokens in as few sequences as max_model_len allows (runner/dummy_batch.py), then the
+    step's tail at its largest (`run_largest_step_tail`) on its hidden states."""
+    from paged_backend.runner.dummy_batch import (full_prefill_lens, prefill_batch,
+                                                  run_largest_step_tail)
+    from paged_backend.runner.model_runner import LOGPROB_ROWS
 
     lens = full_prefill_lens(cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_model_len)
     torch.cuda.synchronize(device)
@@ -253,7 +256,7 @@ def _profile_activation_bytes(model, cfg: EngineConfig, device: torch.device, dt
                      device=device)
     with torch.inference_mode():
         h = model(ids, positions, list(kv), meta)
-        model.compute_logits(h[-min(len(h), cfg.max_num_seqs):])
+        run_largest_step_tail(model, h, cfg.max_num_seqs, max_logprobs, LOGPROB_ROWS)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base - kv.numel() * kv.element_size()
     del kv, h, ids, positions, meta

@@ -5,6 +5,10 @@ it: `max_num_batched_tokens` new tokens (fewer when `max_num_seqs` sequences of
 `max_model_len` cannot hold them), packed into as few sequences as `max_model_len`
 allows. Profiling one sequence of `min(max_num_batched_tokens, max_model_len)`
 tokens would miss the activations of a step that batches many shorter prompts.
+
+The profile also runs the largest tail a step can have on that forward's hidden states
+(`run_largest_step_tail`): sampling `max_num_seqs` rows with every filter, penalty and
+logprobs on, and one slice of prompt logprobs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from paged_backend.layers.attention import AttentionMetadata
+from paged_backend.layers.sampler import (Sampler, SamplingMetadata, SamplingRow,
+                                          compute_logprobs_tensors)
+from paged_backend.sampling_params import SamplingParams
 
 
 def full_prefill_lens(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
@@ -59,3 +66,25 @@ def prefill_batch(lens: list[int], block_size: int, device: torch.device, *, wri
         query_start_loc_cpu=qsl, seq_lens_cpu=list(lens))
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     return ids, positions.to(device), meta, len(lens) * nb if write_kv else 1
+
+
+def run_largest_step_tail(model: torch.nn.Module, hidden: torch.Tensor, max_rows: int,
+                          max_logprobs: int, logprob_rows: int) -> None:
+    """Run what a step can do after its forward, at its largest, on `hidden` `[T, H]`.
+
+    Samples min(T, `max_rows`) rows with temperature, top-k, top-p, min-p, the three
+    penalties and `max_logprobs` logprobs (the sort and `[rows, vocab]` float32
+    temporaries of the full sampler path), then computes prompt logprobs over one slice of
+    min(T, `logprob_rows`) positions (the runner's slice size). For the memory profile:
+    the results are discarded."""
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
+                            repetition_penalty=1.1, frequency_penalty=0.1,
+                            presence_penalty=0.1, logprobs=max_logprobs or None)
+    rows = hidden[-min(len(hidden), max_rows):]
+    sampling_rows = [SamplingRow(params, [0] * 8, [0] * 8) for _ in range(len(rows))]
+    logits = model.compute_logits(rows)
+    Sampler()(logits, SamplingMetadata.build(sampling_rows, logits.shape[-1], hidden.device))
+    del logits
+    n = min(len(hidden), logprob_rows)
+    targets = torch.zeros(n, dtype=torch.int64, device=hidden.device)
+    compute_logprobs_tensors(model.compute_logits(hidden[:n]), targets, max_logprobs)

@@ -43,8 +43,10 @@ from paged_backend.runner.prefill_graphs import PrefillGraphs
 
 logger = logging.getLogger(__name__)
 
-# Prompt logprobs are computed over at most this many positions at a time.
-_LOGPROB_ROWS = 2048
+# Prompt logprobs are computed over at most this many positions at a time: a slice's
+# float32 logits and log-softmax (512 x 151,936 x 4 B x 2 = 0.6 GB at Qwen3's vocabulary)
+# are part of the memory profile that sizes the KV pool (engine/factory.py).
+LOGPROB_ROWS = 512
 
 # (token ids, logprobs, rank of the first id): column 0 is the chosen token, then the top-k.
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -586,11 +588,11 @@ class ModelRunner:
 
         for req, c, st, cnt, k in prompt_lp:
             targets = self._to_device(req.prompt_token_ids[c + 1:c + 1 + cnt])
-            # In slices: a step's [tokens, vocab] float32 logits would not be counted in the
-            # memory profile that sized the KV pool (16384 x 151936 x 4 B = 10 GB).
+            # In slices of LOGPROB_ROWS, the size the memory profile counts: a whole step's
+            # [tokens, vocab] float32 logits would not fit it (16384 x 151936 x 4 B = 10 GB).
             parts = [compute_logprobs_tensors(
-                self.model.compute_logits(hidden[st + i:st + min(cnt, i + _LOGPROB_ROWS)]),
-                targets[i:i + _LOGPROB_ROWS], k) for i in range(0, cnt, _LOGPROB_ROWS)]
+                self.model.compute_logits(hidden[st + i:st + min(cnt, i + LOGPROB_ROWS)]),
+                targets[i:i + LOGPROB_ROWS], k) for i in range(0, cnt, LOGPROB_ROWS)]
             t = parts[0] if len(parts) == 1 else LogprobsTensors(
                 token_ids=torch.cat([p.token_ids for p in parts]),
                 logprobs=torch.cat([p.logprobs for p in parts]),
