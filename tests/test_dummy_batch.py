@@ -119,7 +119,7 @@ def test_warm_up_runs_the_largest_prefill_without_writing(tmp_path, monkeypatch)
 @pytest.mark.parametrize("num_tokens, max_logprobs, want_rows, want_slice", [
     (10, 5, 4, 6),   # max_num_seqs rows sampled, one slice of logprob_rows positions
     (3, 5, 3, 3),    # a forward of fewer tokens caps both
-    (10, 0, 4, 6),   # max_logprobs 0: no sampled logprobs, prompt logprobs without a top-k
+    (10, 0, 4, 6),   # max_logprobs 0: logprobs of the chosen tokens only, no top-k
 ])
 def test_largest_step_tail_runs_every_sampler_path(num_tokens, max_logprobs, want_rows, want_slice,
                                                    monkeypatch):
@@ -149,11 +149,15 @@ def test_largest_step_tail_runs_every_sampler_path(num_tokens, max_logprobs, wan
     monkeypatch.setattr(dummy_batch, "compute_logprobs_tensors", spy_lp)
     with torch.no_grad():
         dummy_batch.run_largest_step_tail(Model(), torch.randn(num_tokens, hidden_size),
-                                          max_rows=4, max_logprobs=max_logprobs, logprob_rows=6)
+                                          max_rows=4, max_logprobs=max_logprobs, logprob_rows=6,
+                                          max_model_len=30)
     (shape, meta), = metas
     assert shape == (want_rows, vocab) and meta.num_rows == want_rows
     assert not meta.all_greedy and meta.top_k is not None and meta.top_p is not None
     assert meta.min_p is not None and meta.repetition_penalty is not None
     assert meta.frequency_penalty is not None and meta.presence_penalty is not None
-    assert meta.needs_logprobs == (max_logprobs > 0) and meta.max_num_logprobs == max_logprobs
+    # The penalties' token tables padded to a prompt and an output of max_model_len tokens.
+    assert meta.prompt_token_ids.shape == meta.output_token_ids.shape == (want_rows, 30)
+    # logprobs=0 still runs the logprobs path (the sampled token's own logprob).
+    assert meta.needs_logprobs and meta.max_num_logprobs == max_logprobs
     assert slices == [((want_slice, vocab), (want_slice,), max_logprobs)]

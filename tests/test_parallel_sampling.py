@@ -222,3 +222,30 @@ def test_cow_copies_only_the_shared_partial_block():
         bm.free(r)
     bm.check_invariants()
     assert bm.num_free_blocks == 10
+
+
+def test_children_count_against_max_num_seqs(tmp_path):
+    """n > 1 fills at most max_num_seqs places per step, children included; a request whose
+    n (or best_of) alone exceeds max_num_seqs is refused up front."""
+    make_tiny_checkpoint("llama", str(tmp_path), max_position_embeddings=1024)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, dtype="float32", device="cpu",
+              block_size=BS, max_model_len=256, num_kv_blocks=200, max_num_seqs=4)
+    with pytest.raises(ValueError, match="best_of .* 5.*max_num_seqs \\(4\\)"):
+        llm.generate({"prompt_token_ids": prompt_of(20)}, SamplingParams(n=5, max_tokens=4),
+                      use_tqdm=False)
+    sched = llm.llm_engine.scheduler
+    assert sched.num_running == sched.num_waiting == 0
+    widths = []
+    real = sched.schedule
+
+    def spy():
+        out = real()
+        widths.append(len(sched.running))
+        return out
+    sched.schedule = spy
+    outs = llm.generate([{"prompt_token_ids": prompt_of(20, seed=i)} for i in range(3)],
+                        SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [2, 2, 2]
+    assert all(len(c.token_ids) == 6 for o in outs for c in o.outputs)
+    assert max(widths) == 4  # two parents and their children; the third waits

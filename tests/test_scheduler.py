@@ -157,6 +157,41 @@ def test_fifo_admission():
     assert sim.admitted == [str(i) for i in range(6)]
 
 
+def test_parallel_sampling_parents_hold_places_for_their_children():
+    """A parent admitted with k fork children counts as 1 + k sequences from admission on, so
+    a step never runs more than max_num_seqs sequences once the children fork."""
+    sched = Scheduler(BlockManager(64, 4, True), 4, 64, 10_000)
+    parent = make_req("p", range(5), arrival=0)
+    children = [make_req(f"p#{i}", range(5), arrival=0) for i in (1, 2)]
+    parent.fork_children = list(children)
+    sched.add_request(parent)
+    others = [make_req(i, range(10 * i, 10 * i + 5), arrival=i) for i in range(1, 4)]
+    for r in others:
+        sched.add_request(r)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["p", "1"]  # 3 + 1 places
+    sched.update_after_step(out)
+    parent.output_token_ids.append(7)
+    others[0].output_token_ids.append(7)
+    for child in children:  # as the engine does at the parent's first sample
+        sched.add_forked(parent, child)
+        child.output_token_ids.append(9)
+    parent.fork_children = []
+    out = sched.schedule()
+    assert sorted(s.request.request_id for s in out.scheduled) == ["1", "p", "p#1", "p#2"]
+    assert len(sched.running) == 4
+
+    # A request at the head of the queue that needs more places than are free waits (FCFS).
+    sched = Scheduler(BlockManager(64, 4, True), 4, 64, 10_000)
+    sched.add_request(make_req(0, range(5), arrival=0))
+    wide = make_req("w", range(20, 25), arrival=1)
+    wide.fork_children = [make_req(f"w#{i}", range(20, 25), arrival=1) for i in (1, 2, 3)]
+    sched.add_request(wide)
+    sched.add_request(make_req(2, range(40, 45), arrival=2))
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["0"]
+
+
 def test_abort_frees_blocks_at_once():
     sim = Sim(num_blocks=32, block_size=4, budget=64, max_seqs=8)
     sim.add(make_req("a", range(20), max_tokens=50))

@@ -154,6 +154,9 @@ class LLMEngine:
             if k is not None and k > self.max_logprobs:
                 raise ValueError(f"SamplingParams.{name} is {k}, more than max_logprobs "
                                  f"({self.max_logprobs}) allows.")
+        if params.best_of > self.scheduler.max_num_seqs:
+            raise ValueError(f"SamplingParams.best_of (or n) is {params.best_of}: more sequences "
+                             f"than max_num_seqs ({self.scheduler.max_num_seqs}) lets a step run.")
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop (stop strings) needs a tokenizer; this engine "
                              "was built with skip_tokenizer_init=True: use stop_token_ids.")

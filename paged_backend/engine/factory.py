@@ -256,7 +256,8 @@ def _profile_activation_bytes(model, cfg: EngineConfig, device: torch.device, dt
                      device=device)
     with torch.inference_mode():
         h = model(ids, positions, list(kv), meta)
-        run_largest_step_tail(model, h, cfg.max_num_seqs, max_logprobs, LOGPROB_ROWS)
+        run_largest_step_tail(model, h, cfg.max_num_seqs, max_logprobs, LOGPROB_ROWS,
+                              cfg.max_model_len)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base - kv.numel() * kv.element_size()
     del kv, h, ids, positions, meta

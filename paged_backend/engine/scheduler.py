@@ -153,9 +153,12 @@ class Scheduler:
                 continue
             break  # req itself was preempted: no room for anyone after it either
 
-        # Admit waiting requests only when nobody was preempted (else they would thrash).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
-                and not out.preempted:
+        # Admit waiting requests only when nobody was preempted (else they would thrash). A
+        # parent of parallel sampling holds places for the children it forks at its first
+        # sample, so that no step runs more than max_num_seqs sequences.
+        seats = len(self.running) + sum(len(r.fork_children) for r in self.running)
+        while self.waiting and budget > 0 and not out.preempted \
+                and seats + 1 + len(self.waiting[0].fork_children) <= self.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.bm.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
@@ -167,6 +170,7 @@ class Scheduler:
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            seats += 1 + len(req.fork_children)
             out.scheduled.append(ScheduledRequest(req, num_new, num_hit,
                                                   self.bm.block_ids(req.request_id),
                                                   num_hit + num_new == req.num_tokens))

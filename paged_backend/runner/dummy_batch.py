@@ -6,9 +6,11 @@ it: `max_num_batched_tokens` new tokens (fewer when `max_num_seqs` sequences of
 allows. Profiling one sequence of `min(max_num_batched_tokens, max_model_len)`
 tokens would miss the activations of a step that batches many shorter prompts.
 
-The profile also runs the largest tail a step can have on that forward's hidden states
-(`run_largest_step_tail`): sampling `max_num_seqs` rows with every filter, penalty and
-logprobs on, and one slice of prompt logprobs.
+The profile also runs the largest tail of a step on that forward's hidden states
+(`run_largest_step_tail`): sampling `max_num_seqs` rows (the scheduler's cap, parallel
+sampling's children included) with every filter, penalty and logprobs on, then one slice
+of prompt logprobs. Beam search is not covered: its groups fork up to `beam_width`
+sequences each past that cap, with `2 * beam_width` logprobs a row.
 """
 
 from __future__ import annotations
@@ -69,22 +71,27 @@ def prefill_batch(lens: list[int], block_size: int, device: torch.device, *, wri
 
 
 def run_largest_step_tail(model: torch.nn.Module, hidden: torch.Tensor, max_rows: int,
-                          max_logprobs: int, logprob_rows: int) -> None:
+                          max_logprobs: int, logprob_rows: int, max_model_len: int) -> None:
     """Run what a step can do after its forward, at its largest, on `hidden` `[T, H]`.
 
     Samples min(T, `max_rows`) rows with temperature, top-k, top-p, min-p, the three
-    penalties and `max_logprobs` logprobs (the sort and `[rows, vocab]` float32
-    temporaries of the full sampler path), then computes prompt logprobs over one slice of
+    penalties (one row with a prompt and an output of `max_model_len` tokens, to which the
+    penalties' token tables pad every row) and `max_logprobs` logprobs: the sort and
+    `[rows, vocab]` float32 temporaries of the full sampler path. Then, with those logits
+    still alive as in the runner, it computes prompt logprobs over one slice of
     min(T, `logprob_rows`) positions (the runner's slice size). For the memory profile:
     the results are discarded."""
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
                             repetition_penalty=1.1, frequency_penalty=0.1,
-                            presence_penalty=0.1, logprobs=max_logprobs or None)
+                            presence_penalty=0.1, logprobs=max_logprobs)
     rows = hidden[-min(len(hidden), max_rows):]
-    sampling_rows = [SamplingRow(params, [0] * 8, [0] * 8) for _ in range(len(rows))]
+    longest = [0] * max_model_len
+    sampling_rows = [SamplingRow(params, longest if i == 0 else [0], longest if i == 0 else [0])
+                     for i in range(len(rows))]
     logits = model.compute_logits(rows)
-    Sampler()(logits, SamplingMetadata.build(sampling_rows, logits.shape[-1], hidden.device))
-    del logits
+    res = Sampler()(logits, SamplingMetadata.build(sampling_rows, logits.shape[-1],
+                                                   hidden.device))
     n = min(len(hidden), logprob_rows)
     targets = torch.zeros(n, dtype=torch.int64, device=hidden.device)
     compute_logprobs_tensors(model.compute_logits(hidden[:n]), targets, max_logprobs)
+    del logits, res

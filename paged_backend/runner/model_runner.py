@@ -44,8 +44,9 @@ from paged_backend.runner.prefill_graphs import PrefillGraphs
 logger = logging.getLogger(__name__)
 
 # Prompt logprobs are computed over at most this many positions at a time: a slice's
-# float32 logits and log-softmax (512 x 151,936 x 4 B x 2 = 0.6 GB at Qwen3's vocabulary)
-# are part of the memory profile that sizes the KV pool (engine/factory.py).
+# logits, float32 log-softmax and rank mask (~10 B a position and vocabulary entry, 0.7 GB
+# at Qwen3's 151,936) are part of the memory profile that sizes the KV pool
+# (runner/dummy_batch.py).
 LOGPROB_ROWS = 512
 
 # (token ids, logprobs, rank of the first id): column 0 is the chosen token, then the top-k.
