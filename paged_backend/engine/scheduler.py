@@ -156,7 +156,8 @@ class Scheduler:
         # Admit waiting requests only when nobody was preempted (else they would thrash). A
         # parent of parallel sampling holds places for the children it forks at its first
         # sample, so that no step runs more than max_num_seqs sequences.
-        seats = len(self.running) + sum(len(r.fork_children) for r in self.running)
+        seats = (len(self.running) + sum(len(r.fork_children) for r in self.running)
+                 if self.waiting else 0)
         while self.waiting and budget > 0 and not out.preempted \
                 and seats + 1 + len(self.waiting[0].fork_children) <= self.max_num_seqs:
             req = self.waiting[0]
