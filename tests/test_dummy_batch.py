@@ -118,7 +118,7 @@ def test_warm_up_runs_the_largest_prefill_without_writing(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("num_tokens, max_logprobs, want_rows, want_slice", [
     (10, 5, 4, 6),   # max_num_seqs rows sampled, one slice of logprob_rows positions
-    (3, 5, 3, 3),    # a forward of fewer tokens caps both
+    (3, 5, 4, 3),    # fewer tokens: rows repeated up to max_rows, the slice capped
     (10, 0, 4, 6),   # max_logprobs 0: logprobs of the chosen tokens only, no top-k
 ])
 def test_largest_step_tail_runs_every_sampler_path(num_tokens, max_logprobs, want_rows, want_slice,

@@ -74,17 +74,19 @@ def run_largest_step_tail(model: torch.nn.Module, hidden: torch.Tensor, max_rows
                           max_logprobs: int, logprob_rows: int, max_model_len: int) -> None:
     """Run what a step can do after its forward, at its largest, on `hidden` `[T, H]`.
 
-    Samples min(T, `max_rows`) rows with temperature, top-k, top-p, min-p, the three
-    penalties (one row with a prompt and an output of `max_model_len` tokens, to which the
-    penalties' token tables pad every row) and `max_logprobs` logprobs: the sort and
-    `[rows, vocab]` float32 temporaries of the full sampler path. Then, with those logits
+    Samples `max_rows` rows (hidden's rows repeated when T is smaller: forks and the LM
+    head's padding to the batch-size buckets can sample more rows than a step has tokens)
+    with temperature, top-k, top-p, min-p, the three penalties (one row with a prompt and
+    an output of `max_model_len` tokens, to which the penalties' token tables pad every
+    row) and `max_logprobs` logprobs: the sort and `[rows, vocab]` float32 temporaries of
+    the full sampler path. Then, with those logits
     still alive as in the runner, it computes prompt logprobs over one slice of
     min(T, `logprob_rows`) positions (the runner's slice size). For the memory profile:
     the results are discarded."""
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05,
                             repetition_penalty=1.1, frequency_penalty=0.1,
                             presence_penalty=0.1, logprobs=max_logprobs)
-    rows = hidden[-min(len(hidden), max_rows):]
+    rows = hidden[torch.arange(max_rows, device=hidden.device) % len(hidden)]
     longest = [0] * max_model_len
     sampling_rows = [SamplingRow(params, longest if i == 0 else [0], longest if i == 0 else [0])
                      for i in range(len(rows))]
