@@ -106,6 +106,9 @@ def run_beam_search(engine, prompts: Sequence[Any], params: BeamSearchParams,
     eos = set() if params.ignore_eos else set(engine.eos_token_ids)
     step_params = SamplingParams(temperature=0.0, logprobs=2 * width, max_tokens=None,
                                  ignore_eos=True)
+    if width > engine.scheduler.max_num_seqs:
+        raise ValueError(f"BeamSearchParams.beam_width is {width}: more sequences than "
+                         f"max_num_seqs ({engine.scheduler.max_num_seqs}) lets a step run.")
     prompt_ids = [engine._tokenize_prompt(p)[1] for p in prompts]
     for ids in prompt_ids:
         if not ids:
@@ -121,7 +124,8 @@ def run_beam_search(engine, prompts: Sequence[Any], params: BeamSearchParams,
 
     groups = []
     for ids in prompt_ids:
-        req = Request(new_id(), list(ids), step_params, external=True)
+        rid = new_id()
+        req = Request(rid, list(ids), step_params, external=True, seat_group=(rid, width))
         sched.add_request(req)
         groups.append(_Group(list(ids), [_Beam(req)]))
 
@@ -200,7 +204,8 @@ def _advance(engine, g: _Group, width: int, eos: set[int], params: BeamSearchPar
             continue
         if i in used:  # the parent already continues: fork a new request off its blocks
             child = Request(new_id(), g.prompt_ids, parent.request.sampling_params, external=True,
-                            output_token_ids=list(tokens) + [t])
+                            output_token_ids=list(tokens) + [t],
+                            seat_group=parent.request.seat_group)
             sched.add_forked(parent.request, child)
             new_beams.append(_Beam(child, cum))
         else:

@@ -103,3 +103,31 @@ def test_score_and_params():
                       (dict(beam_width=2, max_tokens=3, ignore_eos="no"), "ignore_eos")]:
         with pytest.raises(ValueError, match=field):
             BeamSearchParams(**kw)
+
+
+def test_groups_hold_width_places_against_max_num_seqs(tmp_path):
+    """Each prompt's beams hold beam_width places from admission on, so a step never runs more
+    than max_num_seqs sequences; results equal a run without the cap. A width above
+    max_num_seqs is refused up front."""
+    make_tiny_checkpoint("llama", str(tmp_path), max_position_embeddings=1024)
+    kw = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+              max_model_len=1024, num_kv_blocks=400)
+    params = BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    ref = LLM(str(tmp_path), **kw).beam_search(prompts, params)
+    llm = LLM(str(tmp_path), max_num_seqs=4, **kw)
+    with pytest.raises(ValueError, match="beam_width is 5.*max_num_seqs \\(4\\)"):
+        llm.beam_search(prompts, BeamSearchParams(beam_width=5, max_tokens=2))
+    sched = llm.llm_engine.scheduler
+    widths, real = [], sched.schedule
+
+    def spy():
+        out = real()
+        widths.append(len(sched.running))
+        return out
+    sched.schedule = spy
+    outs = llm.beam_search(prompts, params)
+    assert [[s.tokens for s in o.sequences] for o in outs] == \
+        [[s.tokens for s in o.sequences] for o in ref]
+    assert max(widths) == 4  # two groups of two beams; the third prompt waits
+    assert llm.get_stats()["kv_blocks_used"] == 0

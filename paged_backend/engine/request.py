@@ -56,6 +56,9 @@ class Request:
     fork_children: list["Request"] = field(default_factory=list)
     # Driven from outside (beam search): the engine reports logprobs, appends nothing.
     external: bool = False
+    # Beam search: (group id, width). The beams of one prompt share `width` places in the
+    # scheduler's max_num_seqs count, held while any of them runs (they fork up to width).
+    seat_group: Optional[tuple[str, int]] = None
     # Tokens sampled by launched steps whose values the host has not read yet (at most 1
     # when a step is scheduled):
     # the next step may already compute them (the runner feeds them from the device).

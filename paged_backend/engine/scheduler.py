@@ -153,13 +153,21 @@ class Scheduler:
                 continue
             break  # req itself was preempted: no room for anyone after it either
 
-        # Admit waiting requests only when nobody was preempted (else they would thrash). A
-        # parent of parallel sampling holds places for the children it forks at its first
-        # sample, so that no step runs more than max_num_seqs sequences.
-        seats = (len(self.running) + sum(len(r.fork_children) for r in self.running)
-                 if self.waiting else 0)
+        # Admit waiting requests only when nobody was preempted (else they would thrash).
+        # Places count what requests may fork into, so that no step runs more than
+        # max_num_seqs sequences: a parallel-sampling parent holds one for each child it forks
+        # at its first sample, a beam-search group its width while any of its beams runs.
+        groups: dict[str, int] = {}
+        seats = 0
+        if self.waiting:
+            for r in self.running:
+                if r.seat_group is None:
+                    seats += 1 + len(r.fork_children)
+                else:
+                    groups[r.seat_group[0]] = r.seat_group[1]
+            seats += sum(groups.values())
         while self.waiting and budget > 0 and not out.preempted \
-                and seats + 1 + len(self.waiting[0].fork_children) <= self.max_num_seqs:
+                and seats + _places(self.waiting[0], groups) <= self.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.bm.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
@@ -171,7 +179,9 @@ class Scheduler:
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            seats += 1 + len(req.fork_children)
+            seats += _places(req, groups)
+            if req.seat_group is not None:
+                groups[req.seat_group[0]] = req.seat_group[1]
             out.scheduled.append(ScheduledRequest(req, num_new, num_hit,
                                                   self.bm.block_ids(req.request_id),
                                                   num_hit + num_new == req.num_tokens))
@@ -222,3 +232,11 @@ class Scheduler:
                 pass
         req.status = status
         self.bm.free(req)
+
+
+def _places(req: Request, groups: dict[str, int]) -> int:
+    """Places in the max_num_seqs count that admitting `req` takes, given the beam groups
+    already running (`groups`: group id -> width)."""
+    if req.seat_group is None:
+        return 1 + len(req.fork_children)
+    return 0 if req.seat_group[0] in groups else req.seat_group[1]

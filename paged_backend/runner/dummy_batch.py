@@ -7,10 +7,9 @@ allows. Profiling one sequence of `min(max_num_batched_tokens, max_model_len)`
 tokens would miss the activations of a step that batches many shorter prompts.
 
 The profile also runs the largest tail of a step on that forward's hidden states
-(`run_largest_step_tail`): sampling `max_num_seqs` rows (the scheduler's cap, parallel
-sampling's children included) with every filter, penalty and logprobs on, then one slice
-of prompt logprobs. Beam search is not covered: its groups fork up to `beam_width`
-sequences each past that cap, with `2 * beam_width` logprobs a row.
+(`run_largest_step_tail`): sampling `max_num_seqs` rows (the scheduler's cap, which counts
+parallel sampling's children and beam search's beams from their parent's admission) with
+every filter, penalty and logprobs on, then one slice of prompt logprobs.
 """
 
 from __future__ import annotations
