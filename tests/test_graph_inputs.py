@@ -169,3 +169,66 @@ def test_prefill_graph_inputs_match_eager(tmp_path, monkeypatch):
     st = llm.get_stats()
     assert st["prefix_cache_hit_tokens"] > 0 and st["num_prefill_graphs"] == 2  # buckets 16, 32
     assert llm.llm_engine.block_manager.num_used_blocks == 0
+
+
+def test_decode_row_order():
+    """The shortest quarter of the contexts goes last, longest of them first; every other
+    row keeps the scheduler's order; batches of fewer than four rows are left alone."""
+    from types import SimpleNamespace
+
+    from paged_backend.runner.model_runner import decode_row_order
+    lens = [50, 7, 300, 9, 120, 8, 64, 200, 30, 10, 500, 75]
+    rows = [SimpleNamespace(num_computed_tokens=n, name=i) for i, n in enumerate(lens)]
+    got = [r.name for r in decode_row_order(rows)]
+    assert sorted(got) == list(range(len(lens)))
+    assert got[-3:] == [3, 5, 1]  # the three shortest (9, 8, 7), longest first
+    assert got[:-3] == [i for i in range(len(lens)) if i not in (1, 3, 5)]
+    assert [r.name for r in decode_row_order(rows[:3])] == [0, 1, 2]
+    assert [r.name for r in decode_row_order(rows, tail_fraction=0.5)][-6:] == [0, 8, 9, 3, 5, 1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_reordered_decode_rows_change_no_output(tmp_path, monkeypatch, overlap):
+    """Decode rows in decode_row_order (what CUDA runners do) give every request the tokens
+    and logprobs it gets in the scheduler's order: greedy, seeded sampling, penalties,
+    parallel sampling and stop tokens, with and without the overlapped step loop."""
+    make_tiny_checkpoint("qwen3", str(tmp_path))
+    rng = random.Random(3)
+    prompts = [[rng.randrange(200) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 2 * i, ignore_eos=True, logprobs=2)
+              for i in range(5)]
+    params += [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=12, ignore_eos=True)
+               for i in range(2)]
+    params.append(SamplingParams(temperature=0, max_tokens=10, repetition_penalty=1.3,
+                                 ignore_eos=True))
+    params.append(SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=9, stop_token_ids=[17]))
+    args = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+                num_kv_blocks=128, max_model_len=64)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    from paged_backend.runner import model_runner
+    real_order, moved = model_runner.decode_row_order, []
+
+    def order(rows, *a):
+        out = real_order(rows, *a)
+        moved.append(out != rows)
+        return out
+    monkeypatch.setattr(model_runner, "decode_row_order", order)
+
+    def run(reorder):
+        llm = LLM(str(tmp_path), **args)
+        llm.llm_engine.overlap = overlap
+        llm.llm_engine.runner.reorder_decode_rows = reorder
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        assert llm.llm_engine.block_manager.num_used_blocks == 0
+        return [o.outputs for o in outs]
+
+    got, ref = run(True), run(False)
+    assert sum(moved) >= 5  # steps whose rows ran in another order
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in ref]
+    for o, r in zip(got, ref):  # a row's float32 sums may change with its place in the batch
+        for c, rc in zip(o, r):
+            assert (c.logprobs is None) == (rc.logprobs is None)
+            for d, rd in zip(c.logprobs or [], rc.logprobs or []):
+                assert d.keys() == rd.keys()
+                assert all(abs(d[t].logprob - rd[t].logprob) < 1e-4 and d[t].rank == rd[t].rank
+                           for t in d)
