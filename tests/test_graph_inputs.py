@@ -232,3 +232,33 @@ def test_reordered_decode_rows_change_no_output(tmp_path, monkeypatch, overlap):
                 assert d.keys() == rd.keys()
                 assert all(abs(d[t].logprob - rd[t].logprob) < 1e-4 and d[t].rank == rd[t].rank
                            for t in d)
+
+
+@cpu_only
+def test_reordered_decode_rows_with_pending_tokens_through_graph_inputs(tmp_path, monkeypatch):
+    """Overlapped steps whose rows are reordered take each pending token (sampled by the
+    step before, still on the device) for the right request, through the decode graphs'
+    static buffers: greedy and seeded requests, all overlap-safe, so every step overlaps."""
+    make_tiny_checkpoint("qwen3", str(tmp_path))
+    rng = random.Random(4)
+    prompts = [[rng.randrange(200) for _ in range(rng.randint(2, 30))] for _ in range(10)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + i, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, seed=11 + i, max_tokens=8 + i, ignore_eos=True)
+              for i in range(10)]
+    args = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+                num_kv_blocks=128, max_model_len=64)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    ref = [o.outputs[0].token_ids for o in
+           LLM(str(tmp_path), **args).generate(inputs, params, use_tqdm=False)]
+    monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
+    llm = LLM(str(tmp_path), **args)
+    runner = llm.llm_engine.runner
+    runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=16,
+                                max_blocks_per_seq=16, block_size=4, max_model_len=64,
+                                num_kv_heads=runner.num_kv_heads, device=runner.device)
+    runner.reorder_decode_rows = True
+    llm.llm_engine.overlap = True
+    got = [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
+    assert got == ref
+    assert runner.graphs.replays > 5 and llm.llm_engine.num_overlapped_steps > 5
+    assert llm.llm_engine.block_manager.num_used_blocks == 0

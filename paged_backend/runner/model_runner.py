@@ -112,7 +112,9 @@ def decode_row_order(scheduled: list, tail_fraction: float = DECODE_TAIL_FRACTIO
     SMs of finished ones idle: short programs there shorten the kernel's tail. On the
     H100 (BENCHMARKS.md): bucket-64 decode graphs 1.5% faster, bench-64 +1.4%. Ordering
     the whole batch by length loses: programs of equal length end together, and the SMs
-    restart in waves."""
+    restart in waves. Results are looked up by request id, so no request's tokens change,
+    except that an unseeded sampled row draws the noise of the row it lands on (same
+    distribution; seeded requests have their own generators)."""
     n = len(scheduled)
     k = int(n * tail_fraction)
     if k == 0:
