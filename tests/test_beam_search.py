@@ -131,3 +131,22 @@ def test_groups_hold_width_places_against_max_num_seqs(tmp_path):
         [[s.tokens for s in o.sequences] for o in ref]
     assert max(widths) == 4  # two groups of two beams; the third prompt waits
     assert llm.get_stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("budget", [6, 8, 16])
+def test_small_token_budget(tmp_path, budget):
+    """With max_num_batched_tokens below a step's beams plus prompt chunks, a beam whose
+    group waits for a sibling's logits (not scheduled for lack of budget) sits out the step;
+    the results equal an unconstrained run and no block leaks."""
+    make_tiny_checkpoint("llama", str(tmp_path), max_position_embeddings=1024)
+    kw = dict(skip_tokenizer_init=True, dtype="float32", device="cpu", block_size=4,
+              max_model_len=1024, num_kv_blocks=400)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    for width in (2, 3):
+        params = BeamSearchParams(beam_width=width, max_tokens=5, ignore_eos=True)
+        ref = LLM(str(tmp_path), **kw).beam_search(prompts, params)
+        llm = LLM(str(tmp_path), max_num_batched_tokens=budget, **kw)
+        outs = llm.beam_search(prompts, params)
+        assert [[s.tokens for s in o.sequences] for o in outs] == \
+            [[s.tokens for s in o.sequences] for o in ref]
+        assert llm.get_stats()["kv_blocks_used"] == 0

@@ -135,6 +135,9 @@ class Scheduler:
             if req.num_pending and self._surely_done(req):
                 i += 1  # its pending token ends it: nothing left to compute
                 continue
+            if req.external and total == req.num_computed_tokens:
+                i += 1  # a beam whose group waits for another beam's logits: nothing yet
+                continue
             num_new = min(total - req.num_computed_tokens, budget)
             assert num_new > 0, req
             while not self.bm.allocate_slots(req, num_new):
