@@ -40,6 +40,14 @@ class EagerGraphs(DecodeGraphs):
         ids, pos, meta = self._views(bucket)
         return self.model(ids, pos, self.kv_caches, meta)
 
+    @classmethod
+    def install(cls, runner, max_batch_size: int) -> "EagerGraphs":
+        """Give `runner` (block size 4, max_model_len 64) these graphs and return them."""
+        runner.graphs = cls(runner.model, runner.kv_caches, max_batch_size=max_batch_size,
+                            max_blocks_per_seq=16, block_size=4, max_model_len=64,
+                            num_kv_heads=runner.num_kv_heads, device=runner.device)
+        return runner.graphs
+
 
 class EagerPrefillGraphs(PrefillGraphs):
     """The prefill graphs' static buffers and buckets; replay runs the model eagerly."""
@@ -79,9 +87,7 @@ def test_graph_inputs_match_eager(tmp_path, monkeypatch, overlap):
     monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
     llm = LLM(str(tmp_path), **args)
     runner = llm.llm_engine.runner
-    runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=8,
-                                max_blocks_per_seq=16, block_size=4, max_model_len=64,
-                                num_kv_heads=runner.num_kv_heads, device=runner.device)
+    EagerGraphs.install(runner, max_batch_size=8)
     llm.llm_engine.overlap = overlap
     got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
@@ -111,9 +117,7 @@ def test_lm_head_rows_padded_to_sizes(tmp_path, monkeypatch, graphs):
         llm = LLM(str(tmp_path), **args)
         runner = llm.llm_engine.runner
         if graphs:
-            runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=8,
-                                        max_blocks_per_seq=16, block_size=4, max_model_len=64,
-                                        num_kv_heads=runner.num_kv_heads, device=runner.device)
+            EagerGraphs.install(runner, max_batch_size=8)
         runner._head_sizes = sizes
         rows = []
         real = runner.model.compute_logits
@@ -253,9 +257,7 @@ def test_reordered_decode_rows_with_pending_tokens_through_graph_inputs(tmp_path
     monkeypatch.setenv("PAGED_BACKEND_ATTENTION", "triton")
     llm = LLM(str(tmp_path), **args)
     runner = llm.llm_engine.runner
-    runner.graphs = EagerGraphs(runner.model, runner.kv_caches, max_batch_size=16,
-                                max_blocks_per_seq=16, block_size=4, max_model_len=64,
-                                num_kv_heads=runner.num_kv_heads, device=runner.device)
+    EagerGraphs.install(runner, max_batch_size=16)
     runner.reorder_decode_rows = True
     llm.llm_engine.overlap = True
     got = [o.outputs[0].token_ids for o in llm.generate(inputs, params, use_tqdm=False)]
