@@ -9,6 +9,8 @@ engine's dispatch. On CPU the dispatch policy is checked: it never takes CPU ten
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import pytest
@@ -60,12 +62,19 @@ def make_inputs(n: int, k: int, variant: str, dtype: torch.dtype, seed: int = 0)
 def check(n: int, k: int, variant: str, dtype: torch.dtype, seed: int = 0) -> None:
     x, weight, kw = make_inputs(n, k, variant, dtype, seed)
     assert stream_gemv_supported(x, weight, kw.get("silu_mul", False), kw.get("norm_weight"))
+    check_against_ref(stream_gemv, x, weight, kw, dtype)
+
+
+def check_against_ref(kernel, x: torch.Tensor, weight: torch.Tensor, kw: dict,
+                      dtype: torch.dtype) -> None:
+    """`kernel(x, weight, **kw)` against `skinny_gemm_ref`: max and mean errors within the
+    skinny GEMM's tolerances, `add_to` updated in place, x untouched."""
     x_before = x.clone()
     ref_kw = dict(kw)
     if "add_to" in kw:
         ref_kw["add_to"] = kw["add_to"].clone()
     expected = skinny_gemm_ref(x, weight, **ref_kw)
-    out = stream_gemv(x, weight, **kw)
+    out = kernel(x, weight, **kw)
     if "add_to" in kw:
         assert out is kw["add_to"]
     assert out.shape == expected.shape and out.dtype == expected.dtype
@@ -75,6 +84,51 @@ def check(n: int, k: int, variant: str, dtype: torch.dtype, seed: int = 0) -> No
     err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
     assert err < MEAN_TOL[dtype], err
     assert torch.equal(x, x_before)
+
+
+@functools.cache
+def _slow_writer():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def slow_writer(x_dst, x_src, add_dst, add_src, n_x, n_add, spin, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()  # the successor may start right away
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _ in range(spin):  # a dependent chain: tens of microseconds
+            acc = acc * 0.5 + 1.0
+        one = acc * 0.5  # exactly 1.0 by now: the copies below store src unchanged
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_src + offs, mask=offs < n_x)
+        tl.store(x_dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n_x)
+        a = tl.load(add_src + offs, mask=offs < n_add)
+        tl.store(add_dst + offs, (a.to(tl.float32) * one).to(a.dtype), mask=offs < n_add)
+    return slow_writer
+
+
+def slow_write(x: torch.Tensor, x_src: torch.Tensor, add_to: torch.Tensor,
+               add_src: torch.Tensor) -> None:
+    """Copy x_src into x and add_src into add_to from one program that first lets its PDL
+    successor launch, then spins for tens of microseconds (the PDL-wait tests' predecessor)."""
+    import triton
+    block = triton.next_power_of_2(max(x.numel(), add_to.numel()))
+    _slow_writer()[(1,)](x, x_src, add_to, add_src, x.numel(), add_to.numel(), 20000,
+                         BLOCK=block)
+
+
+@contextlib.contextmanager
+def pdl_off(monkeypatch):
+    """PDL switched off (PAGED_BACKEND_PDL=0) inside the block, its cached probe reset on
+    both sides."""
+    from paged_backend.kernels import pdl
+
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    pdl._device_supports_pdl.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(pdl.PDL_ENV)
+        pdl._device_supports_pdl.cache_clear()
 
 
 QWEN3 = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
@@ -120,12 +174,7 @@ def test_stream_gemv_layers_in_cuda_graph(early):
     def randn(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, device="cuda")).to(dt)
 
-    layers = [dict(qkv=randn(qkv_n, hidden, scale=hidden ** -0.5),
-                   o=randn(hidden, qkv_n // 2, scale=(qkv_n // 2) ** -0.5),
-                   gate_up=randn(2 * inter, hidden, scale=hidden ** -0.5),
-                   down=randn(hidden, inter, scale=inter ** -0.5),
-                   ln1=(1 + 0.1 * randn(hidden)), ln2=(1 + 0.1 * randn(hidden)))
-              for _ in range(2)]
+    layers = random_layers(randn, hidden, inter, qkv_n, norms=True)
     stream = torch.zeros(1, hidden, dtype=dt, device="cuda")
 
     def run(gemm, s):
@@ -140,24 +189,47 @@ def test_stream_gemv_layers_in_cuda_graph(early):
             outs.append(qkv)
         return outs
 
+    for got_all, want_all in replay_against_ref(run, stream_gemv, stream, randn):
+        for got, want in zip(got_all, want_all, strict=True):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def random_layers(randn, hidden: int, inter: int, qkv_n: int, norms: bool,
+                  n_layers: int = 2) -> list[dict]:
+    """Scaled random weights of `n_layers` decoder layers (qkv, o, gate_up, down; with
+    `norms` the two RMSNorm weights ln1 and ln2 too) for the graph-chain tests."""
+    layers = []
+    for _ in range(n_layers):
+        ly = dict(qkv=randn(qkv_n, hidden, scale=hidden ** -0.5),
+                  o=randn(hidden, qkv_n // 2, scale=(qkv_n // 2) ** -0.5),
+                  gate_up=randn(2 * inter, hidden, scale=hidden ** -0.5),
+                  down=randn(hidden, inter, scale=inter ** -0.5))
+        if norms:
+            ly.update(ln1=1 + 0.1 * randn(hidden), ln2=1 + 0.1 * randn(hidden))
+        layers.append(ly)
+    return layers
+
+
+def replay_against_ref(run, kernel, stream: torch.Tensor, randn, rounds: int = 3):
+    """Capture `run(kernel, stream)` (a list of outputs; it updates the residual `stream` in
+    place) in a CUDA graph once, then for each of `rounds` fresh inputs replay it and yield
+    (the graph's outputs + [stream], `run(skinny_gemm_ref, ...)`'s on the same input)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        run(stream_gemv, stream)
+        run(kernel, stream)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = run(stream_gemv, stream)
-    for _ in range(3):
-        start = randn(1, hidden)
+        outs = run(kernel, stream)
+    for _ in range(rounds):
+        start = randn(*stream.shape)
         stream.copy_(start)
         graph.replay()
         ref_stream = start.clone()
         ref_outs = run(skinny_gemm_ref, ref_stream)
         torch.cuda.synchronize()
-        for got, want in zip(outs, ref_outs, strict=True):
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(stream.float(), ref_stream.float(), rtol=2e-2, atol=2e-2)
+        yield outs + [stream], ref_outs + [ref_stream]
 
 
 @pytest.mark.gpu
@@ -167,23 +239,7 @@ def test_stream_gemv_waits_for_the_kernel_before_it(early):
     """PDL contract: a kernel that lets its successor launch at once, then spends a while
     before writing x and add_to, must still be seen complete: stream_gemv reads x and
     add_to only after its wait (its weights may load before)."""
-    import triton
-    import triton.language as tl
-
     from paged_backend.kernels.pdl import pdl_enabled
-
-    @triton.jit
-    def slow_writer(x_dst, x_src, add_dst, add_src, n_x, n_add, spin, BLOCK: tl.constexpr):
-        tl.extra.cuda.gdc_launch_dependents()  # the successor may start right away
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for _ in range(spin):  # a dependent chain: tens of microseconds
-            acc = acc * 0.5 + 1.0
-        one = acc * 0.5  # exactly 1.0 by now: the copies below store src unchanged
-        offs = tl.arange(0, BLOCK)
-        v = tl.load(x_src + offs, mask=offs < n_x)
-        tl.store(x_dst + offs, (v.to(tl.float32) * one).to(v.dtype), mask=offs < n_x)
-        a = tl.load(add_src + offs, mask=offs < n_add)
-        tl.store(add_dst + offs, (a.to(tl.float32) * one).to(a.dtype), mask=offs < n_add)
 
     x_true, weight, kw = make_inputs(1024, 2048, "norm_bias_add", torch.bfloat16, seed=9)
     assert pdl_enabled(x_true)
@@ -192,7 +248,7 @@ def test_stream_gemv_waits_for_the_kernel_before_it(early):
     for _ in range(3):
         x = torch.zeros_like(x_true)
         add_to = torch.zeros_like(add_true)
-        slow_writer[(1,)](x, x_true, add_to, add_true, 2048, 1024, 20000, BLOCK=2048)
+        slow_write(x, x_true, add_to, add_true)
         stream_gemv(x, weight, **kw, add_to=add_to, trigger_early=early)
         torch.testing.assert_close(add_to.float(), expected.float(), rtol=1.6e-2, atol=2e-2)
 
@@ -274,16 +330,9 @@ def test_one_token_gemm_dispatch(monkeypatch):
 def test_stream_gemv_without_pdl_and_within_bounds(monkeypatch):
     """With PDL off the kernel runs without griddepcontrol; stores stay inside `out`
     (guard values around an add_to row are untouched)."""
-    from paged_backend.kernels import pdl
-
-    monkeypatch.setenv(pdl.PDL_ENV, "0")
-    pdl._device_supports_pdl.cache_clear()
-    try:
+    with pdl_off(monkeypatch):
         for variant in ("norm_bias_add", "norm_bias_silu", "plain"):
             check(1030, 520, variant, torch.bfloat16, seed=7)
-    finally:
-        monkeypatch.delenv(pdl.PDL_ENV)
-        pdl._device_supports_pdl.cache_clear()
     x, weight, kw = make_inputs(1030, 520, "add", torch.bfloat16, seed=8)
     buf = torch.full((3, 1030), 7.0, dtype=torch.bfloat16, device="cuda")
     buf[1:2] = kw["add_to"]

@@ -10,6 +10,9 @@ tokens on CUDA; larger forwards up to SKINNY_SILU_MAX_TOKENS tokens run only the
 projection on it, SiLU-and-mul fused. PAGED_BACKEND_SKINNY_GEMM=0 turns both off (cuBLAS
 and separate kernels). On Hopper, `one_token_gemm` hands the one-token GEMMs whose weights
 fit to the CUDA `stream_gemv` (PAGED_BACKEND_STREAM_GEMV=0 keeps them on Triton).
+Small forwards run their projections on the CUDA `stream_gemm` where it takes them
+(`use_stream_gemm`, called by the linear layers and the MLP's fused gate/up;
+PAGED_BACKEND_STREAM_GEMM=0 keeps cuBLAS and the Triton skinny GEMM).
 """
 
 from __future__ import annotations
@@ -88,3 +91,24 @@ def use_skinny_silu(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.numel() * weight.element_size() <= SKINNY_SILU_MAX_WEIGHT_BYTES
             and os.environ.get(SKINNY_GEMM_ENV, "1") != "0" and use_fused_kernels(x))
+
+
+STREAM_GEMM_ENV = "PAGED_BACKEND_STREAM_GEMM"
+# Largest forwards that take `stream_gemm`: column-parallel projections (QKV, gate/up) and
+# row-parallel ones (o, down: each program reads more of x than of its weight). On the H100
+# (decode-graph replays, BENCHMARKS.md) the first beat cuBLAS and the skinny GEMM in place
+# at 8-32 rows and lose at 64; the second win at 8-16 rows and lose from 32.
+STREAM_GEMM_MAX_TOKENS = 32
+STREAM_GEMM_ROW_MAX_TOKENS = 16
+
+
+def use_stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    silu_mul: bool = False, max_tokens: int = STREAM_GEMM_MAX_TOKENS) -> bool:
+    """True where `stream_gemm` takes `x @ weight.T (+ bias)` (with SiLU-and-mul of a fused
+    gate/up weight): a CUDA batch of 1 to `max_tokens` rows within the kernel's limits,
+    unless PAGED_BACKEND_STREAM_GEMM is "0"."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_tokens
+            and os.environ.get(STREAM_GEMM_ENV, "1") != "0"):
+        return False
+    from paged_backend.kernels.stream_gemm import stream_gemm_supported
+    return stream_gemm_supported(x, weight, silu_mul, bias)

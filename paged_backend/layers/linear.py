@@ -13,12 +13,19 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fused_kernels
+
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 packed: torch.Tensor | None) -> torch.Tensor:
-    """`x W^T + b`, through oneDNN's prepacked weight when there is one (CPU float32, 2-D x)."""
+                 packed: torch.Tensor | None, stream_max_tokens: int = 0) -> torch.Tensor:
+    """`x W^T + b`: through oneDNN's prepacked weight when there is one (CPU float32, 2-D x),
+    through the CUDA `stream_gemm` for at most `stream_max_tokens` rows where it takes the
+    call (`fused_kernels.use_stream_gemm`), else `F.linear`."""
     if packed is not None and x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if x.is_cuda and fused_kernels.use_stream_gemm(x, weight, bias, max_tokens=stream_max_tokens):
+        from paged_backend.kernels.stream_gemm import stream_gemm
+        return stream_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -59,7 +66,8 @@ class ColumnParallelLinear(torch.nn.Module):
         default_weight_loader(param.narrow(0, offset, self.output_sizes[shard_id]), loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias, self.packed)
+        return apply_linear(x, self.weight, self.bias, self.packed,
+                            fused_kernels.STREAM_GEMM_MAX_TOKENS)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}"
@@ -77,7 +85,8 @@ class RowParallelLinear(torch.nn.Module):
         self.packed: torch.Tensor | None = None  # set by layers.cpu_prepack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias, self.packed)
+        return apply_linear(x, self.weight, self.bias, self.packed,
+                            fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

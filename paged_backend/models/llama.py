@@ -71,6 +71,11 @@ class LlamaMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.gate_up_proj.weight
+        if self.act_and_mul is not None and fused_kernels.use_stream_gemm(
+                x, w, self.gate_up_proj.bias, silu_mul=True):
+            from paged_backend.kernels.stream_gemm import stream_gemm
+            act = stream_gemm(x, w, self.gate_up_proj.bias, silu_mul=True)
+            return self.down_proj(act)
         if self.act_and_mul is not None and fused_kernels.use_skinny_silu(x, w):
             from paged_backend.kernels.skinny_gemm import skinny_gemm
             # tl.dot from 2 rows: the broadcast path loses to cuBLAS there (qwen3 M=4: 22 vs 7 us).
