@@ -12,9 +12,9 @@ execute the PDL wait), and the Triton skinny GEMM's loads land in registers
 one tile at a time.
 
 The products run on `mma.m16n8k16` with the tokens as the A operand (16
-tokens an m-tile) and eight weight rows as B. Eight warps: with up to 32
-tokens each warp takes every token and an eighth of K; with 33-64, half of the
-tokens and a quarter of K. A warp walks its K range in blocks of 32 and loads
+tokens an m-tile) and eight weight rows as B. W warps (8, or 16 where `warps`
+says): with up to 32 tokens each warp takes every
+token and 1/W of K; with 33-64, half of the tokens and 2/W of K. A warp walks its K range in blocks of 32 and loads
 its x fragments straight from global memory into registers (16 bytes a lane:
 x is written by the kernel before, read once a program, so it skips shared
 memory), PREFETCH blocks ahead. Within a block the two MMA k-steps take the K
@@ -48,7 +48,6 @@ from .stream_gemv import (STREAM_GEMV_ENV, STREAM_MAX_SMEM, _aligned, _hopper, _
                           _smem_limit)
 
 MAX_M = 64
-NWARPS = 8
 PREFETCH = 3  # x blocks (32 K positions) a warp keeps in flight
 
 _BODY = r"""
@@ -231,6 +230,18 @@ def _m_tiles(m: int) -> int:
     return 1 if m <= 16 else (2 if m <= 32 else 4)
 
 
+# Rows up to which calls without SiLU-and-mul run 16 warps a program instead of 8 (0: never).
+# On the H100, 16 warps made decode steps at 4-16 rows 3-5% faster and the step at 32 rows
+# slower (BENCHMARKS.md, thirteenth session); 16 waits for its run of the GPU test grid
+# (test_stream_gemm_sixteen_warps) before it is switched on.
+WIDE_WARPS_MAX_M = 0
+
+
+def warps(m: int, silu_mul: bool) -> int:
+    """Warps a program: 16 for up to WIDE_WARPS_MAX_M rows without SiLU-and-mul, else 8."""
+    return 16 if m <= WIDE_WARPS_MAX_M and not silu_mul else 8
+
+
 def layout(m: int, n: int, k: int, silu_mul: bool, num_sms: int) -> tuple[int, int, int]:
     """(programs, weight n-tiles a program at most, shared memory bytes) of a call with
     `n` output columns."""
@@ -238,21 +249,21 @@ def layout(m: int, n: int, k: int, silu_mul: bool, num_sms: int) -> tuple[int, i
     grid = min(num_sms, groups)
     ntw = -(-groups // grid) * (2 if silu_mul else 1)
     mt = _m_tiles(m)
-    kg = NWARPS // (mt // min(mt, 2))
+    kg = warps(m, silu_mul) // (mt // min(mt, 2))
     span = ntw * 8 * k * 2
     partials = kg * mt * 16 * (ntw * 8 + 4) * 4
     return grid, ntw, max(span, partials)
 
 
-def _source(k: int, mt: int, ntw: int, dtype: torch.dtype) -> str:
-    defs = (f"#define KDIM {k}\n#define MT {mt}\n#define NTW {ntw}\n#define NWARPS {NWARPS}\n"
+def _source(k: int, mt: int, ntw: int, nw: int, dtype: torch.dtype) -> str:
+    defs = (f"#define KDIM {k}\n#define MT {mt}\n#define NTW {ntw}\n#define NWARPS {nw}\n"
             f"#define PREFETCH {PREFETCH}\n"
             f"#define IS_BF16 {1 if dtype == torch.bfloat16 else 0}\n")
     return cuda_rtc.DEVICE_HELPERS + defs + _BODY
 
 
-def _module_name(k: int, mt: int, ntw: int, dtype: torch.dtype) -> str:
-    return f"stream_gemm_k{k}_m{mt}_n{ntw}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
+def _module_name(k: int, mt: int, ntw: int, nw: int, dtype: torch.dtype) -> str:
+    return f"stream_gemm_k{k}_m{mt}_n{ntw}_w{nw}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
 
 
 def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
@@ -285,9 +296,9 @@ def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
     _, ntw, smem = layout(x.shape[0], n, k, silu_mul, _num_sms(index))
     if smem > min(STREAM_MAX_SMEM, _smem_limit(index)):
         return False
-    mt = _m_tiles(x.shape[0])
-    return cuda_rtc.compiles(_source(k, mt, ntw, x.dtype), _module_name(k, mt, ntw, x.dtype),
-                             index)
+    mt, nw = _m_tiles(x.shape[0]), warps(x.shape[0], silu_mul)
+    return cuda_rtc.compiles(_source(k, mt, ntw, nw, x.dtype),
+                             _module_name(k, mt, ntw, nw, x.dtype), index)
 
 
 def stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -303,13 +314,13 @@ def stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     out = add_to if add_to is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     grid, ntw, smem = layout(m, n, k, silu_mul, _num_sms(index))
-    mt = _m_tiles(m)
+    mt, nw = _m_tiles(m), warps(m, silu_mul)
     pdl = pdl_enabled(x)
     flags = ((_F_BIAS if bias is not None else 0) | (_F_SILU if silu_mul else 0)
              | (_F_ACCUM if add_to is not None else 0) | (_F_PDL if pdl else 0)
              | (_F_EARLY if pdl and trigger_early else 0))
-    kernel = cuda_rtc.compile_module(_source(k, mt, ntw, x.dtype),
-                                     _module_name(k, mt, ntw, x.dtype), x.device).kernel(
+    kernel = cuda_rtc.compile_module(_source(k, mt, ntw, nw, x.dtype),
+                                     _module_name(k, mt, ntw, nw, x.dtype), x.device).kernel(
         "stream_gemm", carveout=100)
     null = ctypes.c_void_p(0)
     args = [ctypes.c_void_p(weight.data_ptr()), ctypes.c_void_p(x.data_ptr()),
@@ -317,5 +328,5 @@ def stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             ctypes.c_void_p(out.data_ptr()), ctypes.c_int(m), ctypes.c_int(n),
             ctypes.c_longlong(x.stride(0)), ctypes.c_longlong(out.stride(0)),
             ctypes.c_int(flags)]
-    cuda_rtc.launch(kernel, grid, NWARPS * 32, smem, args, pdl)
+    cuda_rtc.launch(kernel, grid, nw * 32, smem, args, pdl)
     return out

@@ -85,6 +85,22 @@ def test_stream_gemm_qwen3_shapes(shape, m, variant, dtype):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [*QWEN3.values(), (2, 64), (1030, 512), (9000, 128)])
+def test_stream_gemm_sixteen_warps(monkeypatch, n, k, m, dtype):
+    """The 16-warp programs (`WIDE_WARPS_MAX_M`): qwen3 and ragged shapes, with and without
+    bias and add_to (SiLU-and-mul keeps 8 warps)."""
+    from paged_backend.kernels import stream_gemm as sg_module
+
+    monkeypatch.setattr(sg_module, "WIDE_WARPS_MAX_M", 16)
+    assert sg_module.warps(m, False) == 16 and sg_module.warps(m, True) == 8
+    for variant in ("plain", "bias_add", "bias_silu"):
+        check(m, n, k, variant, dtype, seed=n + k + m, row_pad=64 if m % 2 else 0)
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("variant", ["plain", "bias_silu", "bias_add"])
 @pytest.mark.parametrize("m", [3, 24, 50])
 @pytest.mark.parametrize("n,k", [
