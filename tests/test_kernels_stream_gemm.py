@@ -252,12 +252,17 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
         for m in (1, cap, cap + 1):
             x = torch.randn(m, layer.weight.shape[1], device="cuda", dtype=torch.bfloat16)
             calls.clear()
-            got = layer(x)
+            with torch.inference_mode():  # as the model runner calls them
+                got = layer(x)
             assert calls == ([m] if m <= cap else []), (type(layer).__name__, m, calls)
             want = F.linear(x.float(), layer.weight.float(),
                             None if layer.bias is None else layer.bias.float())
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
-    monkeypatch.setenv(fused_kernels.STREAM_GEMM_ENV, "0")
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     calls.clear()
-    col(torch.randn(4, 256, device="cuda", dtype=torch.bfloat16))
+    with torch.enable_grad():  # parameters require grad: autograd needs F.linear
+        assert col(x).requires_grad and calls == []
+    monkeypatch.setenv(fused_kernels.STREAM_GEMM_ENV, "0")
+    with torch.no_grad():
+        col(x)
     assert calls == []

@@ -106,9 +106,12 @@ def use_stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     silu_mul: bool = False, max_tokens: int = STREAM_GEMM_MAX_TOKENS) -> bool:
     """True where `stream_gemm` takes `x @ weight.T (+ bias)` (with SiLU-and-mul of a fused
     gate/up weight): a CUDA batch of 1 to `max_tokens` rows within the kernel's limits,
-    unless PAGED_BACKEND_STREAM_GEMM is "0"."""
+    unless PAGED_BACKEND_STREAM_GEMM is "0" or autograd would need the product (the kernel
+    records no graph)."""
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_tokens
             and os.environ.get(STREAM_GEMM_ENV, "1") != "0"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     from paged_backend.kernels.stream_gemm import stream_gemm_supported
     return stream_gemm_supported(x, weight, silu_mul, bias)
