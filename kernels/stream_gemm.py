@@ -266,6 +266,13 @@ def _module_name(k: int, mt: int, ntw: int, nw: int, dtype: torch.dtype) -> str:
     return f"stream_gemm_k{k}_m{mt}_n{ntw}_w{nw}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
 
 
+def _overlaps_rows(a: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether contiguous `a` shares bytes with the rows of 2-D `x` (strided rows included)."""
+    a0, x0 = a.data_ptr(), x.data_ptr()
+    x_bytes = ((x.shape[0] - 1) * x.stride(0) + x.shape[1]) * x.element_size()
+    return a0 < x0 + x_bytes and x0 < a0 + a.numel() * a.element_size()
+
+
 def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
                           bias: Optional[torch.Tensor] = None,
                           add_to: Optional[torch.Tensor] = None) -> bool:
@@ -276,7 +283,7 @@ def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
             and weight.is_contiguous() and x.shape[1] == weight.shape[1]):
         return False
     n_w, k = weight.shape
-    if k % 64 or n_w == 0 or (silu_mul and n_w % 2):
+    if k == 0 or k % 64 or n_w == 0 or (silu_mul and n_w % 2):
         return False
     if not (_aligned(x) and _aligned(weight) and (x.shape[0] == 1 or x.stride(0) % 8 == 0)):
         return False
@@ -286,7 +293,7 @@ def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
         return False
     if add_to is not None and (silu_mul or not (
             add_to.shape == (x.shape[0], n) and add_to.is_contiguous()
-            and add_to.dtype == x.dtype and add_to.device == x.device) or _overlaps(add_to, x)):
+            and add_to.dtype == x.dtype and add_to.device == x.device) or _overlaps_rows(add_to, x)):
         return False
     if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
         return False

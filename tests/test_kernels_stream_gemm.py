@@ -216,6 +216,11 @@ def test_stream_gemm_policy(monkeypatch):
     assert stream_gemm_supported(x, w, add_to=out)
     assert not stream_gemm_supported(x, w, silu_mul=True, add_to=out[:, :16].contiguous())
     assert not stream_gemm_supported(x, w, add_to=x.view(-1)[:128].view(4, 32))  # overlaps x
+    rows = torch.zeros(4, 128, device="cuda", dtype=torch.bfloat16)
+    strided = rows[:, :64]  # 4 rows 256 bytes apart; its last row ends at byte 896
+    assert not stream_gemm_supported(strided, w, add_to=rows.view(-1)[384:512].view(4, 32))
+    assert not stream_gemm_supported(torch.zeros(4, 0, device="cuda", dtype=torch.bfloat16),
+                                     torch.zeros(32, 0, device="cuda", dtype=torch.bfloat16))  # K = 0
     assert not stream_gemm_supported(x, torch.randn(300000, 64, device="cuda",
                                                     dtype=torch.bfloat16))  # span too large
     monkeypatch.setenv(STREAM_GEMV_ENV, "0")

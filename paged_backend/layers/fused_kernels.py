@@ -111,7 +111,8 @@ def use_stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= max_tokens
             and os.environ.get(STREAM_GEMM_ENV, "1") != "0"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)):
         return False
     from paged_backend.kernels.stream_gemm import stream_gemm_supported
     return stream_gemm_supported(x, weight, silu_mul, bias)
