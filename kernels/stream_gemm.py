@@ -36,7 +36,6 @@ PAGED_BACKEND_STREAM_GEMV not "0".
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from typing import Optional
 
@@ -266,13 +265,6 @@ def _module_name(k: int, mt: int, ntw: int, nw: int, dtype: torch.dtype) -> str:
     return f"stream_gemm_k{k}_m{mt}_n{ntw}_w{nw}_{'bf16' if dtype == torch.bfloat16 else 'f16'}"
 
 
-def _overlaps_rows(a: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether contiguous `a` shares bytes with the rows of 2-D `x` (strided rows included)."""
-    a0, x0 = a.data_ptr(), x.data_ptr()
-    x_bytes = ((x.shape[0] - 1) * x.stride(0) + x.shape[1]) * x.element_size()
-    return a0 < x0 + x_bytes and x0 < a0 + a.numel() * a.element_size()
-
-
 def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,
                           bias: Optional[torch.Tensor] = None,
                           add_to: Optional[torch.Tensor] = None) -> bool:
@@ -293,7 +285,7 @@ def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
         return False
     if add_to is not None and (silu_mul or not (
             add_to.shape == (x.shape[0], n) and add_to.is_contiguous()
-            and add_to.dtype == x.dtype and add_to.device == x.device) or _overlaps_rows(add_to, x)):
+            and add_to.dtype == x.dtype and add_to.device == x.device) or _overlaps(add_to, x)):
         return False
     if os.environ.get(STREAM_GEMV_ENV, "1") == "0":
         return False

@@ -357,9 +357,17 @@ def gemv_weight_supported(weight: torch.Tensor, dtype: torch.dtype, device: torc
     return _grid_and_smem(n, k, silu_mul, index)[1] <= _smem_limit(index) and cuda_rtc.compiles(_SOURCE, "stream_gemv", index)
 
 
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from `t`'s first element to just past its last (strided rows included)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges that `a` and `b` span share a byte."""
     a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    return a0 < b0 + _extent(b) and b0 < a0 + _extent(a)
 
 
 def stream_gemv_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False,

@@ -271,3 +271,15 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
     with torch.no_grad():
         col(x)
     assert calls == []
+
+
+def test_overlap_check_spans_strided_rows():
+    """The add_to/x overlap check counts a row-strided x's whole span (its later rows too),
+    not just numel bytes from its start."""
+    from paged_backend.kernels.stream_gemv import _overlaps
+
+    rows = torch.zeros(4, 128, dtype=torch.bfloat16)
+    x = rows[:, :64]  # 4 rows 256 bytes apart, ending at byte 896
+    assert _overlaps(rows.view(-1)[384:512], x)  # bytes 768-1024: x's last row
+    assert not _overlaps(rows.view(-1)[448:512], x)  # bytes 896-1024: after it
+    assert _overlaps(x[:1], x) and not _overlaps(rows[:, 64:].contiguous(), x)
