@@ -230,10 +230,9 @@ def _m_tiles(m: int) -> int:
 
 
 # Rows up to which calls without SiLU-and-mul run 16 warps a program instead of 8 (0: never).
-# On the H100, 16 warps made decode steps at 4-16 rows 3-5% faster and the step at 32 rows
-# slower (BENCHMARKS.md, thirteenth session); 16 waits for its run of the GPU test grid
-# (test_stream_gemm_sixteen_warps) before it is switched on.
-WIDE_WARPS_MAX_M = 0
+# On the H100, 16 warps made decode steps at 4 / 8 / 16 rows 5.7 / 1.4 / 3.1% faster and the
+# step at 32 rows slower (BENCHMARKS.md, thirteenth and fourteenth sessions).
+WIDE_WARPS_MAX_M = 16
 
 
 def warps(m: int, silu_mul: bool) -> int:

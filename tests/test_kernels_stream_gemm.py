@@ -229,23 +229,33 @@ def test_stream_gemm_policy(monkeypatch):
 
 def test_linear_layers_use_stream_gemm(monkeypatch):
     """The linear layers hand `stream_gemm` column-parallel forwards of up to
-    STREAM_GEMM_MAX_TOKENS rows and row-parallel ones of up to STREAM_GEMM_ROW_MAX_TOKENS
-    (and never CPU tensors or a switched-off kernel); what they return matches F.linear."""
+    STREAM_GEMM_MAX_TOKENS rows and row-parallel ones of up to STREAM_GEMM_ROW_MAX_TOKENS, the
+    Triton skinny GEMM larger ones up to SKINNY_COLUMN_MAX_TOKENS / SKINNY_ROW_MAX_TOKENS, and
+    cuBLAS the rest (and never CPU tensors, a switched-off kernel or a forward that autograd
+    records); what they return matches F.linear."""
     import torch.nn.functional as F
 
+    from paged_backend.kernels import skinny_gemm as skinny_module
     from paged_backend.kernels import stream_gemm as sg_module
     from paged_backend.layers import fused_kernels
     from paged_backend.layers.linear import ColumnParallelLinear, RowParallelLinear
 
     col_cap, row_cap = fused_kernels.STREAM_GEMM_MAX_TOKENS, fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS
     assert 1 <= row_cap <= col_cap <= sg_module.MAX_M
+    col_skinny = max(col_cap, min(fused_kernels.SKINNY_COLUMN_MAX_TOKENS, skinny_module.MAX_M))
+    row_skinny = max(row_cap, min(fused_kernels.SKINNY_ROW_MAX_TOKENS, skinny_module.MAX_M))
     assert not fused_kernels.use_stream_gemm(torch.randn(4, 64, dtype=torch.bfloat16),
                                              torch.randn(32, 64, dtype=torch.bfloat16))
+    assert not fused_kernels.use_skinny_plain(torch.randn(40, 64, dtype=torch.bfloat16),
+                                              torch.randn(32, 64, dtype=torch.bfloat16), None, 64)
     if not hopper():
         return
     calls = []
-    real = sg_module.stream_gemm
-    monkeypatch.setattr(sg_module, "stream_gemm", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    real, real_skinny = sg_module.stream_gemm, skinny_module.skinny_gemm
+    monkeypatch.setattr(sg_module, "stream_gemm",
+                        lambda *a, **k: calls.append(("stream", a[0].shape[0])) or real(*a, **k))
+    monkeypatch.setattr(skinny_module, "skinny_gemm", lambda *a, **k: calls.append(
+        ("skinny", a[0].shape[0])) or real_skinny(*a, **k))
     torch.manual_seed(0)
     col = ColumnParallelLinear(256, [128, 64, 64], bias=True).cuda().to(torch.bfloat16)
     row = RowParallelLinear(512, 256).cuda().to(torch.bfloat16)
@@ -253,21 +263,25 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
         torch.nn.init.normal_(layer.weight, std=0.05)
         if layer.bias is not None:
             torch.nn.init.normal_(layer.bias)
-    for layer, cap in ((col, col_cap), (row, row_cap)):
-        for m in (1, cap, cap + 1):
+    for layer, cap, skinny_cap in ((col, col_cap, col_skinny), (row, row_cap, row_skinny)):
+        for m in sorted({1, cap, cap + 1, skinny_cap, skinny_cap + 1}):
             x = torch.randn(m, layer.weight.shape[1], device="cuda", dtype=torch.bfloat16)
             calls.clear()
             with torch.inference_mode():  # as the model runner calls them
                 got = layer(x)
-            assert calls == ([m] if m <= cap else []), (type(layer).__name__, m, calls)
+            want_calls = ([("stream", m)] if m <= cap else
+                          [("skinny", m)] if m <= skinny_cap else [])
+            assert calls == want_calls, (type(layer).__name__, m, calls)
             want = F.linear(x.float(), layer.weight.float(),
                             None if layer.bias is None else layer.bias.float())
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
-    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
-    calls.clear()
-    with torch.enable_grad():  # parameters require grad: autograd needs F.linear
-        assert col(x).requires_grad and calls == []
+    for m in (4, col_skinny):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        calls.clear()
+        with torch.enable_grad():  # parameters require grad: autograd needs F.linear
+            assert col(x).requires_grad and calls == []
     monkeypatch.setenv(fused_kernels.STREAM_GEMM_ENV, "0")
+    monkeypatch.setenv(fused_kernels.SKINNY_GEMM_ENV, "0")
     with torch.no_grad():
         col(x)
     assert calls == []

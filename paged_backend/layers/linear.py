@@ -17,15 +17,21 @@ from . import fused_kernels
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 packed: torch.Tensor | None, stream_max_tokens: int = 0) -> torch.Tensor:
+                 packed: torch.Tensor | None, stream_max_tokens: int = 0,
+                 skinny_max_tokens: int = 0) -> torch.Tensor:
     """`x W^T + b`: through oneDNN's prepacked weight when there is one (CPU float32, 2-D x),
     through the CUDA `stream_gemm` for at most `stream_max_tokens` rows where it takes the
-    call (`fused_kernels.use_stream_gemm`), else `F.linear`."""
+    call (`fused_kernels.use_stream_gemm`), else the Triton skinny GEMM for at most
+    `skinny_max_tokens` rows (`fused_kernels.use_skinny_plain`), else `F.linear`."""
     if packed is not None and x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if x.is_cuda and fused_kernels.use_stream_gemm(x, weight, bias, max_tokens=stream_max_tokens):
         from paged_backend.kernels.stream_gemm import stream_gemm
         return stream_gemm(x, weight, bias)
+    if (x.is_cuda and skinny_max_tokens
+            and fused_kernels.use_skinny_plain(x, weight, bias, skinny_max_tokens)):
+        from paged_backend.kernels.skinny_gemm import skinny_gemm
+        return skinny_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -67,7 +73,8 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.packed,
-                            fused_kernels.STREAM_GEMM_MAX_TOKENS)
+                            fused_kernels.STREAM_GEMM_MAX_TOKENS,
+                            fused_kernels.SKINNY_COLUMN_MAX_TOKENS)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}"
@@ -86,7 +93,8 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.packed,
-                            fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS)
+                            fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS,
+                            fused_kernels.SKINNY_ROW_MAX_TOKENS)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
