@@ -233,11 +233,16 @@ def _m_tiles(m: int) -> int:
 # On the H100, 16 warps made decode steps at 4 / 8 / 16 rows 5.7 / 1.4 / 3.1% faster and the
 # step at 32 rows slower (BENCHMARKS.md, thirteenth and fourteenth sessions).
 WIDE_WARPS_MAX_M = 16
+# The same for shapes with K >= 2 N (row-parallel projections: o, down), where 16 warps at
+# 17-32 rows made the step at 32 rows 2.0% faster (fourteenth session).
+WIDE_ROW_WARPS_MAX_M = 32
 
 
-def warps(m: int, silu_mul: bool) -> int:
-    """Warps a program: 16 for up to WIDE_WARPS_MAX_M rows without SiLU-and-mul, else 8."""
-    return 16 if m <= WIDE_WARPS_MAX_M and not silu_mul else 8
+def warps(m: int, n: int, k: int, silu_mul: bool) -> int:
+    """Warps a program for `m` rows, `n` outputs and `k` inputs: without SiLU-and-mul, 16 up
+    to WIDE_WARPS_MAX_M rows (WIDE_ROW_WARPS_MAX_M where K >= 2 N), else 8."""
+    wide = WIDE_ROW_WARPS_MAX_M if k >= 2 * n else WIDE_WARPS_MAX_M
+    return 16 if m <= wide and not silu_mul else 8
 
 
 def layout(m: int, n: int, k: int, silu_mul: bool, num_sms: int) -> tuple[int, int, int]:
@@ -247,7 +252,7 @@ def layout(m: int, n: int, k: int, silu_mul: bool, num_sms: int) -> tuple[int, i
     grid = min(num_sms, groups)
     ntw = -(-groups // grid) * (2 if silu_mul else 1)
     mt = _m_tiles(m)
-    kg = warps(m, silu_mul) // (mt // min(mt, 2))
+    kg = warps(m, n, k, silu_mul) // (mt // min(mt, 2))
     span = ntw * 8 * k * 2
     partials = kg * mt * 16 * (ntw * 8 + 4) * 4
     return grid, ntw, max(span, partials)
@@ -294,7 +299,7 @@ def stream_gemm_supported(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool 
     _, ntw, smem = layout(x.shape[0], n, k, silu_mul, _num_sms(index))
     if smem > min(STREAM_MAX_SMEM, _smem_limit(index)):
         return False
-    mt, nw = _m_tiles(x.shape[0]), warps(x.shape[0], silu_mul)
+    mt, nw = _m_tiles(x.shape[0]), warps(x.shape[0], n, k, silu_mul)
     return cuda_rtc.compiles(_source(k, mt, ntw, nw, x.dtype),
                              _module_name(k, mt, ntw, nw, x.dtype), index)
 
@@ -312,7 +317,7 @@ def stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     out = add_to if add_to is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     grid, ntw, smem = layout(m, n, k, silu_mul, _num_sms(index))
-    mt, nw = _m_tiles(m), warps(m, silu_mul)
+    mt, nw = _m_tiles(m), warps(m, n, k, silu_mul)
     pdl = pdl_enabled(x)
     flags = ((_F_BIAS if bias is not None else 0) | (_F_SILU if silu_mul else 0)
              | (_F_ACCUM if add_to is not None else 0) | (_F_PDL if pdl else 0)

@@ -96,10 +96,11 @@ def use_skinny_silu(x: torch.Tensor, weight: torch.Tensor) -> bool:
 STREAM_GEMM_ENV = "PAGED_BACKEND_STREAM_GEMM"
 # Largest forwards that take `stream_gemm`: column-parallel projections (QKV, gate/up) and
 # row-parallel ones (o, down: each program reads more of x than of its weight). On the H100
-# (decode-graph replays, BENCHMARKS.md) the first beat cuBLAS and the skinny GEMM in place
-# at 8-32 rows and lose at 64; the second win at 8-16 rows and lose from 32.
+# (decode-graph replays, BENCHMARKS.md) both beat cuBLAS and the skinny GEMM in place at
+# 8-32 rows (row-parallel ones with 16 warps a program: the step at 32 rows -2.0%) and lose
+# at 64 (row-parallel ones +84 us a step with 16 warps, +330 with 8).
 STREAM_GEMM_MAX_TOKENS = 32
-STREAM_GEMM_ROW_MAX_TOKENS = 16
+STREAM_GEMM_ROW_MAX_TOKENS = 32
 
 
 def use_stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
