@@ -7,8 +7,9 @@ the torch path everywhere. Layers import the kernels lazily, on first use.
 The one-token path (`paged_backend.kernels.skinny_gemm`: four GEMMs per layer with the
 RMSNorm, SiLU-and-mul and residual adds fused in) runs forwards of SKINNY_MAX_TOKENS
 tokens on CUDA; larger forwards up to SKINNY_SILU_MAX_TOKENS tokens run only their gate/up
-projection on it, SiLU-and-mul fused. PAGED_BACKEND_SKINNY_GEMM=0 turns both off (cuBLAS
-and separate kernels). On Hopper, `one_token_gemm` hands the one-token GEMMs whose weights
+projection on it, SiLU-and-mul fused, and up to SKINNY_COLUMN_MAX_TOKENS their QKV projection
+(`use_skinny_plain`). PAGED_BACKEND_SKINNY_GEMM=0 turns all of these off (cuBLAS and
+separate kernels). On Hopper, `one_token_gemm` hands the one-token GEMMs whose weights
 fit to the CUDA `stream_gemv` (PAGED_BACKEND_STREAM_GEMV=0 keeps them on Triton).
 Small forwards run their projections on the CUDA `stream_gemm` where it takes them
 (`use_stream_gemm`, called by the linear layers and the MLP's fused gate/up;
