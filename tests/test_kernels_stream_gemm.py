@@ -284,6 +284,13 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
             want = F.linear(x.float(), layer.weight.float(),
                             None if layer.bias is None else layer.bias.float())
             torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+    big = torch.empty(fused_kernels.SKINNY_SILU_MAX_WEIGHT_BYTES // (2 * 256) + 8, 256,
+                      device="cuda", dtype=torch.bfloat16)  # over the weight cap: cuBLAS
+    small = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(col_skinny, 256, device="cuda", dtype=torch.bfloat16)
+    assert col_skinny <= col_cap or fused_kernels.use_skinny_plain(x, small, None, col_skinny)
+    assert not fused_kernels.use_skinny_plain(x, big, None, col_skinny)
+    del big
     for m in (4, col_skinny):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         calls.clear()
