@@ -89,10 +89,10 @@ def test_stream_gemm_qwen3_shapes(shape, m, variant, dtype):
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 33, 64])
 @pytest.mark.parametrize("n,k", [*QWEN3.values(), (2, 64), (1030, 512), (9000, 128)])
 def test_stream_gemm_sixteen_warps(monkeypatch, n, k, m, dtype):
-    """16-warp programs at every row count (`WIDE_WARPS_MAX_M`, `WIDE_ROW_WARPS_MAX_M`
-    forced to 64): qwen3 and ragged shapes, with and without bias and add_to (SiLU-and-mul
-    keeps 8 warps). Where 16 warps' partial sums outgrow shared memory the call is not
-    taken; the qwen3 shapes always are."""
+    """16-warp programs at 1-64 rows (`WIDE_WARPS_MAX_M`, `WIDE_ROW_WARPS_MAX_M` forced to
+    64): qwen3 and ragged shapes, with and without bias and add_to (SiLU-and-mul keeps 8
+    warps). Where 16 warps' partial sums outgrow shared memory the call is refused (e.g.
+    (9000, 128) from 17 rows) and skipped here; the qwen3 shapes are always taken."""
     from paged_backend.kernels import stream_gemm as sg_module
 
     monkeypatch.setattr(sg_module, "WIDE_WARPS_MAX_M", 64)
@@ -238,10 +238,12 @@ def test_stream_gemm_policy(monkeypatch):
 
 def test_linear_layers_use_stream_gemm(monkeypatch):
     """The linear layers hand `stream_gemm` column-parallel forwards of up to
-    STREAM_GEMM_MAX_TOKENS rows and row-parallel ones of up to STREAM_GEMM_ROW_MAX_TOKENS, the
-    Triton skinny GEMM larger ones up to SKINNY_COLUMN_MAX_TOKENS / SKINNY_ROW_MAX_TOKENS, and
-    cuBLAS the rest (and never CPU tensors, a switched-off kernel or a forward that autograd
-    records); what they return matches F.linear."""
+    STREAM_GEMM_MAX_TOKENS rows and row-parallel ones of up to STREAM_GEMM_ROW_MAX_TOKENS; a
+    QKV layer (`skinny=True`) hands the Triton skinny GEMM larger ones up to
+    SKINNY_COLUMN_MAX_TOKENS; cuBLAS takes the rest, and everything when the kernels are
+    switched off (stream_gemm alone switched off sends small forwards to cuBLAS, not to the
+    skinny GEMM), for CPU tensors, for weights over the skinny cap and where autograd records;
+    what they return matches F.linear."""
     import torch.nn.functional as F
 
     from paged_backend.kernels import skinny_gemm as skinny_module
@@ -251,12 +253,12 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
 
     col_cap, row_cap = fused_kernels.STREAM_GEMM_MAX_TOKENS, fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS
     assert 1 <= row_cap <= col_cap <= sg_module.MAX_M
-    col_skinny = max(col_cap, min(fused_kernels.SKINNY_COLUMN_MAX_TOKENS, skinny_module.MAX_M))
-    row_skinny = max(row_cap, min(fused_kernels.SKINNY_ROW_MAX_TOKENS, skinny_module.MAX_M))
+    qkv_cap = max(col_cap, min(fused_kernels.SKINNY_COLUMN_MAX_TOKENS, skinny_module.MAX_M))
     assert not fused_kernels.use_stream_gemm(torch.randn(4, 64, dtype=torch.bfloat16),
                                              torch.randn(32, 64, dtype=torch.bfloat16))
     assert not fused_kernels.use_skinny_plain(torch.randn(40, 64, dtype=torch.bfloat16),
-                                              torch.randn(32, 64, dtype=torch.bfloat16), None, 64)
+                                              torch.randn(32, 64, dtype=torch.bfloat16), None,
+                                              32, 64)
     if not hopper():
         return
     calls = []
@@ -266,41 +268,48 @@ def test_linear_layers_use_stream_gemm(monkeypatch):
     monkeypatch.setattr(skinny_module, "skinny_gemm", lambda *a, **k: calls.append(
         ("skinny", a[0].shape[0])) or real_skinny(*a, **k))
     torch.manual_seed(0)
-    col = ColumnParallelLinear(256, [128, 64, 64], bias=True).cuda().to(torch.bfloat16)
+    qkv = ColumnParallelLinear(256, [128, 64, 64], bias=True, skinny=True).cuda().to(torch.bfloat16)
+    col = ColumnParallelLinear(256, 256).cuda().to(torch.bfloat16)
     row = RowParallelLinear(512, 256).cuda().to(torch.bfloat16)
-    for layer in (col, row):
+    for layer in (qkv, col, row):
         torch.nn.init.normal_(layer.weight, std=0.05)
         if layer.bias is not None:
             torch.nn.init.normal_(layer.bias)
-    for layer, cap, skinny_cap in ((col, col_cap, col_skinny), (row, row_cap, row_skinny)):
-        for m in sorted({1, cap, cap + 1, skinny_cap, skinny_cap + 1}):
-            x = torch.randn(m, layer.weight.shape[1], device="cuda", dtype=torch.bfloat16)
-            calls.clear()
-            with torch.inference_mode():  # as the model runner calls them
-                got = layer(x)
+
+    def run(layer, m):
+        x = torch.randn(m, layer.weight.shape[1], device="cuda", dtype=torch.bfloat16)
+        calls.clear()
+        with torch.inference_mode():  # as the model runner calls them
+            got = layer(x)
+        want = F.linear(x.float(), layer.weight.float(),
+                        None if layer.bias is None else layer.bias.float())
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+        return list(calls)
+
+    for layer, cap, skinny_cap in ((qkv, col_cap, qkv_cap), (col, col_cap, col_cap),
+                                   (row, row_cap, row_cap)):
+        for m in sorted({1, 4, cap, cap + 1, skinny_cap, skinny_cap + 1}):
             want_calls = ([("stream", m)] if m <= cap else
                           [("skinny", m)] if m <= skinny_cap else [])
-            assert calls == want_calls, (type(layer).__name__, m, calls)
-            want = F.linear(x.float(), layer.weight.float(),
-                            None if layer.bias is None else layer.bias.float())
-            torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
+            assert run(layer, m) == want_calls, (layer, m, calls)
+    small = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16)
     big = torch.empty(fused_kernels.SKINNY_SILU_MAX_WEIGHT_BYTES // (2 * 256) + 8, 256,
                       device="cuda", dtype=torch.bfloat16)  # over the weight cap: cuBLAS
-    small = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(col_skinny, 256, device="cuda", dtype=torch.bfloat16)
-    assert col_skinny <= col_cap or fused_kernels.use_skinny_plain(x, small, None, col_skinny)
-    assert not fused_kernels.use_skinny_plain(x, big, None, col_skinny)
+    x = torch.randn(qkv_cap, 256, device="cuda", dtype=torch.bfloat16)
+    assert qkv_cap <= col_cap or fused_kernels.use_skinny_plain(x, small, None, col_cap, qkv_cap)
+    assert not fused_kernels.use_skinny_plain(x, big, None, col_cap, qkv_cap)
+    assert not fused_kernels.use_skinny_plain(x, small, small[0, :63], col_cap, qkv_cap)  # bias
     del big
-    for m in (4, col_skinny):
+    for m in (4, qkv_cap):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         calls.clear()
         with torch.enable_grad():  # parameters require grad: autograd needs F.linear
-            assert col(x).requires_grad and calls == []
+            assert qkv(x).requires_grad and calls == []
     monkeypatch.setenv(fused_kernels.STREAM_GEMM_ENV, "0")
+    assert run(qkv, 4) == []
+    assert run(qkv, qkv_cap) == ([("skinny", qkv_cap)] if qkv_cap > col_cap else [])
     monkeypatch.setenv(fused_kernels.SKINNY_GEMM_ENV, "0")
-    with torch.no_grad():
-        col(x)
-    assert calls == []
+    assert run(qkv, qkv_cap) == []
 
 
 def test_overlap_check_spans_strided_rows():

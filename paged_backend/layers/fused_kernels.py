@@ -120,31 +120,36 @@ def use_stream_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return stream_gemm_supported(x, weight, silu_mul, bias)
 
 
-# Largest forwards whose plain projections (no SiLU-and-mul) run as the Triton skinny GEMM,
-# which launches with PDL, where stream_gemm does not take them: column-parallel ones (QKV)
-# and row-parallel ones (o, down). 0: never (cuBLAS). On the H100 (decode-graph replays,
-# BENCHMARKS.md, fourteenth session) QKV on it at 33-64 rows made the step at 64 rows 4.0%
-# faster and at 48 5.5% (bench-64 +3%), though it beats cuBLAS by only ~1.3 us a call in
-# isolation: its launch and first loads overlap the kernel before it. o and down on it too
-# lost 150 us of that at 64 rows and 130 at 32. Weights over SKINNY_SILU_MAX_WEIGHT_BYTES
-# (Llama-3-8B's 50 MB QKV) stay on cuBLAS, as for gate/up: not measured there.
+# Largest forwards above STREAM_GEMM_MAX_TOKENS rows whose QKV projection (a
+# `ColumnParallelLinear(..., skinny=True)`) runs as the Triton skinny GEMM with PDL instead
+# of cuBLAS. On the H100 (decode-graph replays, BENCHMARKS.md, fourteenth session) that made
+# the step at 64 rows 4.0% faster and at 48 5.5% (bench-64 +3%), though it beats cuBLAS by
+# only ~1.3 us a call in isolation: its launch and first loads overlap the kernel before it,
+# where cuBLAS's GEMM waits for that kernel to end, so it is taken only where kernels launch
+# with PDL. o and down on it lost (+42 to +150 us a step at 32-64 rows), so row-parallel
+# layers stay on cuBLAS. Weights over SKINNY_SILU_MAX_WEIGHT_BYTES (Llama-3-8B's 50 MB QKV)
+# stay on cuBLAS too, as for gate/up: not measured there.
 SKINNY_COLUMN_MAX_TOKENS = 64
-SKINNY_ROW_MAX_TOKENS = 0
 
 
 def use_skinny_plain(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     max_tokens: int) -> bool:
-    """True for a 2-D, row-major bf16/fp16 CUDA batch of at most `max_tokens` rows (and at
-    most the skinny GEMM's 64) and a weight (and bias) of x's dtype, the weight at most
+                     above: int, max_tokens: int) -> bool:
+    """True for a 2-D, row-major bf16/fp16 CUDA batch of more than `above` and at most
+    `max_tokens` rows (and at most the skinny GEMM's 64) on a device where kernels launch
+    with PDL, with a weight (and `[N]` bias) of x's dtype and device, the weight at most
     SKINNY_SILU_MAX_WEIGHT_BYTES, unless switched off or autograd would need the product
     (the kernel records no graph)."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= min(max_tokens, SKINNY_SILU_MAX_TOKENS)
+    if not (x.dim() == 2 and above < x.shape[0] <= min(max_tokens, SKINNY_SILU_MAX_TOKENS)
             and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(-1) == 1
+            and weight.dim() == 2 and weight.dtype == x.dtype and weight.device == x.device
+            and weight.stride(-1) == 1 and weight.shape[1] == x.shape[1]
             and weight.numel() * weight.element_size() <= SKINNY_SILU_MAX_WEIGHT_BYTES
-            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            and os.environ.get(SKINNY_GEMM_ENV, "1") != "0"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
-                bias is not None and bias.requires_grad)))
-            and use_fused_kernels(x))
-
+            and (bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous()
+                                  and bias.dtype == x.dtype and bias.device == x.device))
+            and os.environ.get(SKINNY_GEMM_ENV, "1") != "0" and use_fused_kernels(x)):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)):
+        return False
+    from paged_backend.kernels.pdl import pdl_enabled
+    return pdl_enabled(x)

@@ -21,15 +21,17 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  skinny_max_tokens: int = 0) -> torch.Tensor:
     """`x W^T + b`: through oneDNN's prepacked weight when there is one (CPU float32, 2-D x),
     through the CUDA `stream_gemm` for at most `stream_max_tokens` rows where it takes the
-    call (`fused_kernels.use_stream_gemm`), else the Triton skinny GEMM for at most
-    `skinny_max_tokens` rows (`fused_kernels.use_skinny_plain`), else `F.linear`."""
+    call (`fused_kernels.use_stream_gemm`), else through the Triton skinny GEMM for more
+    than `stream_max_tokens` and at most `skinny_max_tokens` rows where it takes the call
+    (`fused_kernels.use_skinny_plain`), else `F.linear`."""
     if packed is not None and x.dim() == 2 and x.dtype == torch.float32 and not x.requires_grad:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if x.is_cuda and fused_kernels.use_stream_gemm(x, weight, bias, max_tokens=stream_max_tokens):
         from paged_backend.kernels.stream_gemm import stream_gemm
         return stream_gemm(x, weight, bias)
     if (x.is_cuda and skinny_max_tokens
-            and fused_kernels.use_skinny_plain(x, weight, bias, skinny_max_tokens)):
+            and fused_kernels.use_skinny_plain(x, weight, bias, stream_max_tokens,
+                                               skinny_max_tokens)):
         from paged_backend.kernels.skinny_gemm import skinny_gemm
         return skinny_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -48,11 +50,15 @@ class ColumnParallelLinear(torch.nn.Module):
     """`y = x W^T + b`; W's rows are the concatenation of `output_sizes` shards.
 
     Each shard loads from its own checkpoint tensor with
-    `weight_loader(param, tensor, shard_id)`; `shard_id=None` loads the whole.
+    `weight_loader(param, tensor, shard_id)`; `shard_id=None` loads the whole. With
+    `skinny=True` (the attention's QKV projection) CUDA forwards just too large for
+    `stream_gemm` run the Triton skinny GEMM (`fused_kernels.SKINNY_COLUMN_MAX_TOKENS`).
     """
 
-    def __init__(self, input_size: int, output_sizes: int | Sequence[int], bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_sizes: int | Sequence[int], bias: bool = False,
+                 skinny: bool = False) -> None:
         super().__init__()
+        self.skinny = skinny
         sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.input_size = input_size
         self.output_sizes = sizes
@@ -74,7 +80,7 @@ class ColumnParallelLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.packed,
                             fused_kernels.STREAM_GEMM_MAX_TOKENS,
-                            fused_kernels.SKINNY_COLUMN_MAX_TOKENS)
+                            fused_kernels.SKINNY_COLUMN_MAX_TOKENS if self.skinny else 0)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}"
@@ -93,8 +99,7 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias, self.packed,
-                            fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS,
-                            fused_kernels.SKINNY_ROW_MAX_TOKENS)
+                            fused_kernels.STREAM_GEMM_ROW_MAX_TOKENS)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"

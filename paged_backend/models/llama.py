@@ -102,7 +102,8 @@ class LlamaAttention(torch.nn.Module):
         qkv_bias, o_bias = _attention_biases(cfg)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.qkv_sizes, bias=qkv_bias)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.qkv_sizes, bias=qkv_bias,
+                                             skinny=True)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, bias=o_bias)
         if cfg.model_type == "qwen3":
             self.q_norm: Optional[RMSNorm] = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
