@@ -322,3 +322,39 @@ def test_overlap_check_spans_strided_rows():
     assert _overlaps(rows.view(-1)[384:512], x)  # bytes 768-1024: x's last row
     assert not _overlaps(rows.view(-1)[448:512], x)  # bytes 896-1024: after it
     assert _overlaps(x[:1], x) and not _overlaps(rows[:, 64:].contiguous(), x)
+
+
+def test_skinny_plain_policy(monkeypatch):
+    """`use_skinny_plain`'s limits, checked on CPU tensors with the device checks faked true:
+    only rows above the stream_gemm cap and up to its own, a weight within the cap, a bias
+    of the weight's rows, not where autograd records, not when switched off or without PDL."""
+    from paged_backend.kernels import pdl
+    from paged_backend.layers import fused_kernels as fk
+
+    pdl_on = [True]
+    monkeypatch.setattr(fk, "use_fused_kernels", lambda x: True)
+    monkeypatch.setattr(pdl, "pdl_enabled", lambda t: pdl_on[0])
+    w = torch.zeros(64, 256, dtype=torch.bfloat16)
+
+    def takes(m, weight=w, bias=None, above=32, cap=64, dtype=torch.bfloat16):
+        return fk.use_skinny_plain(torch.zeros(m, 256, dtype=dtype), weight, bias, above, cap)
+
+    assert takes(33) and takes(64) and takes(5, above=4)
+    assert not takes(32) and not takes(4) and not takes(65, cap=128)
+    assert not takes(40, cap=39)
+    assert not takes(40, dtype=torch.float32)
+    assert takes(40, bias=torch.zeros(64, dtype=torch.bfloat16))
+    assert not takes(40, bias=torch.zeros(63, dtype=torch.bfloat16))
+    assert not takes(40, bias=torch.zeros(64, dtype=torch.float16))
+    big = torch.zeros(fk.SKINNY_SILU_MAX_WEIGHT_BYTES // (2 * 256) + 1, 256, dtype=torch.bfloat16)
+    assert not takes(40, weight=big)
+    assert not takes(40, weight=torch.zeros(256, 64, dtype=torch.bfloat16).t())  # column-major
+    with torch.enable_grad():
+        assert not takes(40, weight=torch.zeros(64, 256, dtype=torch.bfloat16, requires_grad=True))
+    with torch.no_grad():
+        assert takes(40, weight=torch.zeros(64, 256, dtype=torch.bfloat16, requires_grad=True))
+    pdl_on[0] = False
+    assert not takes(40)
+    pdl_on[0] = True
+    monkeypatch.setenv(fk.SKINNY_GEMM_ENV, "0")
+    assert not takes(40)
